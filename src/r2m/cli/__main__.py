@@ -1,0 +1,3 @@
+from r2m.cli import main
+
+main()

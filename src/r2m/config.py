@@ -1,0 +1,244 @@
+"""Typed configuration: `params.yaml`, read once into validated models.
+
+Unknown keys are rejected with the key named. Paths are relative to the project root and may be
+overridden by environment variables (`R2M_DATA_ROOT`, `R2M_ARTIFACTS`, `R2M_MODEL_REPOSITORY`,
+`MLFLOW_TRACKING_URI`, `R2M_MLFLOW_ARTIFACTS`); `R2M_PARAMS` points at another params file and
+`R2M_PROJECT_ROOT` at another project root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from r2m.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    """Where things live, relative to the project root unless absolute."""
+
+    data_root: Path = Path("data/generators")
+    artifacts: Path = Path("artifacts")
+    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
+    mlflow_artifacts: Path = Path("mlartifacts")
+    model_repository: Path = Path("deploy/model_repository")
+
+
+class ModelConfig(Section):
+    """The detector: open_clip visual tower + Linear(width, 2) head (SPEC section 4)."""
+
+    name: str = "r2m-tiny"  # any open_clip model name, e.g. ViT-L-14
+    pretrained: str | None = None  # open_clip tag ("openai"), a local weights file, or None
+    init_seed: int = 0  # seeds θ0 when `pretrained` is None (the tiny offline backbone)
+    lr: float | None = None  # the backbone's own learning rate; None = train.lr
+
+
+class AugmentConfig(Section):
+    """DF40 `clip.yaml` augmentations (paper B.2)."""
+
+    hflip_p: float = 0.5
+    rotate_limit: float = 10.0
+    rotate_p: float = 0.5
+    blur_kernel: tuple[int, int] = (3, 7)
+    blur_p: float = 0.5
+    brightness: float = 0.1
+    brightness_p: float = 0.5
+    contrast: float = 0.1
+    contrast_p: float = 0.5
+    jpeg_quality: tuple[int, int] = (40, 100)
+    jpeg_p: float = 0.5
+
+
+class TrainConfig(Section):
+    """The specialist recipe (paper B.2 / DF40 `clip.yaml`)."""
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 5e-4
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 1024
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    num_workers: int = Field(0, ge=0)
+    mixed_precision: bool = True  # used on CUDA only
+    augment: AugmentConfig = AugmentConfig()
+
+
+class DataConfig(Section):
+    """The data contract (SPEC section 3)."""
+
+    split_fractions: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
+    split_seed: int = 0
+    max_image_pixels: int = 40_000_000  # larger images are rejected as decompression bombs
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "val", "test"}:
+            raise ValueError("split_fractions needs exactly train, val and test")
+        if abs(sum(v.values()) - 1.0) > 1e-6 or min(v.values()) <= 0:
+            raise ValueError("split_fractions must be positive and sum to 1")
+        return v
+
+
+class DemoConfig(Section):
+    """The embedded benchmark (`r2m demo-data`, SPEC section 11)."""
+
+    seed: int = 0
+    size: int = Field(220, ge=1)  # images per class per dataset
+    image_size: int = 64
+
+
+class MergeConfig(Section):
+    """Merging (SPEC section 5). Defaults α = 0.5, r = 0.7 (paper C.4)."""
+
+    method: Literal["wa", "ta", "ties", "cart", "r2m"] = "r2m"
+    alpha: float = 0.5
+    rank: float = 0.7
+    core: Literal["centered", "uncentered"] = "centered"
+    eta: Literal["normalized", "literal"] = "normalized"
+    select: bool = True  # choose α × r on seen validation splits
+    alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6)
+    rank_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
+    baselines: tuple[str, ...] = ("wa", "ta", "ties", "cart")
+
+
+class GateConfig(Section):
+    """Thresholds a candidate must meet to replace the champion (SPEC section 6)."""
+
+    max_drop: float = 0.10
+    min_gain_macro: float = -0.05
+    max_regression: float = 0.02
+    min_auc: float = 0.6
+
+
+class ExportConfig(Section):
+    """ONNX export and parity (SPEC section 8)."""
+
+    opset: int = 17
+    parity_atol: float = 1e-4
+    parity_samples: int = 64
+    int8: bool = True
+    int8_auc_tolerance: float = 0.01
+
+
+class ServeConfig(Section):
+    """The ONNX Runtime HTTP server (SPEC section 8)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int = 1
+    max_upload_bytes: int = 10_000_000
+    poll_interval_s: float = 2.0
+
+
+class FlowConfig(Section):
+    """The continual loop (SPEC section 9)."""
+
+    schedule_interval_s: int = 600
+    retries: int = 2
+    retry_delay_s: int = 10
+    min_specialist_val_auc: float = 0.7
+    outlier_cosine: float = 0.0  # a task vector whose cosine to the others' mean is below is rejected
+
+
+class Params(Section):
+    """Everything in params.yaml."""
+
+    paths: PathsConfig = PathsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    merge: MergeConfig = MergeConfig()
+    gate: GateConfig = GateConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+    flow: FlowConfig = FlowConfig()
+    generators: tuple[str, ...] = ()  # seen generators the DVC pipeline trains (foreach)
+
+    root: Path = Path(".")  # the project root; not read from the file
+
+    def path(self, name: str) -> Path:
+        """A path of `paths`, resolved against the project root."""
+        p = Path(getattr(self.paths, name))
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def tracking_uri(self) -> str:
+        uri = self.paths.mlflow_tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return f"sqlite:///{(self.root / uri.removeprefix('sqlite:///')).resolve()}"
+        return uri
+
+    @property
+    def backbone_lr(self) -> float:
+        return self.model.lr if self.model.lr is not None else self.train.lr
+
+
+_ENV_PATHS = {
+    "R2M_DATA_ROOT": "data_root",
+    "R2M_ARTIFACTS": "artifacts",
+    "R2M_MODEL_REPOSITORY": "model_repository",
+    "MLFLOW_TRACKING_URI": "mlflow_tracking_uri",
+    "R2M_MLFLOW_ARTIFACTS": "mlflow_artifacts",
+}
+
+
+def project_root() -> Path:
+    """`R2M_PROJECT_ROOT`, else the nearest folder above the cwd holding params.yaml, else the cwd."""
+    if env := os.environ.get("R2M_PROJECT_ROOT"):
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    return here
+
+
+def _describe(err: ValidationError, source: Path) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    return f"{source}: '{key}': {first['msg']}"
+
+
+def load_params(path: Path | str | None = None, root: Path | str | None = None, **overrides) -> Params:
+    """Read params.yaml once into `Params`; env variables override paths.
+
+    `overrides` replace whole top-level sections (handy in tests and the CLI).
+    """
+    root = Path(root).resolve() if root else project_root()
+    path = Path(path or os.environ.get("R2M_PARAMS") or root / "params.yaml")
+    raw: dict = {}
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    if "root" in raw:
+        raise ConfigError(f"{path}: unknown key 'root'")
+    paths = dict(raw.get("paths") or {})
+    for env, key in _ENV_PATHS.items():
+        if os.environ.get(env):
+            paths[key] = os.environ[env]
+    raw["paths"] = paths
+    raw.update(overrides)
+    try:
+        return Params(**raw, root=root)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None

@@ -1,0 +1,59 @@
+"""Errors users can catch. Every message names the file, key or threshold at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class R2MError(Exception):
+    """Base class: the CLI prints these as one line on stderr and exits with status 2."""
+
+
+class ConfigError(R2MError):
+    """params.yaml (or an environment override) is invalid."""
+
+
+class DatasetError(R2MError):
+    """A generator dataset violates the data contract; it is quarantined, never half ingested."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class CheckpointError(R2MError):
+    """A checkpoint file is missing, unreadable, or breaks the checkpoint contract."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class MergeError(R2MError):
+    """Specialists cannot be merged (different θ0, keys, shapes, non-finite weights...)."""
+
+
+class TrainingError(R2MError):
+    """A specialist could not be trained or failed its own checks."""
+
+
+class EvaluationError(R2MError):
+    """Scores cannot be computed (e.g. a test split with one class only)."""
+
+
+class GateFailed(R2MError):
+    """A candidate failed the DROP/GAIN/regression gate; `report` holds every number."""
+
+    def __init__(self, report, message: str):
+        self.report = report
+        super().__init__(message)
+
+
+class ExportError(R2MError):
+    """ONNX export or its parity check failed."""
+
+
+class RegistryError(R2MError):
+    """The MLflow registry is not in the state an operation needs."""

@@ -1,0 +1,142 @@
+"""Detector = open_clip visual tower (feature: pooled token *before* `proj`) + Linear(width, 2).
+
+The tiny offline backbone is an ordinary open_clip config (`model_configs/r2m-tiny.json`),
+registered with open_clip's own config mechanism, so real runs and tests share one factory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from r2m.checkpoint import BACKBONE_PREFIX, HEAD_KEYS, load_checkpoint
+from r2m.config import ModelConfig, Params
+from r2m.errors import CheckpointError
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the project's JSON configs (e.g. `r2m-tiny`) known to `open_clip.create_model`."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIGS)
+        _registered = True
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Detector(nn.Module):
+    """DF40's CLIP detector: `pooler_output` of the vision tower into a binary linear head."""
+
+    def __init__(self, backbone: nn.Module, width: int):
+        super().__init__()
+        backbone.proj = None  # the feature is the pooled token before `proj` (DF40's pooler_output)
+        self.backbone = backbone
+        self.head = nn.Linear(width, 2)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 2]; the fake score is softmax(logits)[:, 1]."""
+        return self.head(self.features(pixel_values))
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors in the checkpoint contract: `backbone.<open_clip key>`, `head.weight`, `head.bias`."""
+        tensors = {BACKBONE_PREFIX + k: v for k, v in self.backbone.state_dict().items()}
+        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], source: Path | str = "<memory>") -> None:
+        """Load contract tensors; a pretrained file (no head) leaves the head as initialised."""
+        expected = set(self.checkpoint_tensors())
+        given = set(tensors)
+        has_head = all(k in given for k in HEAD_KEYS)
+        missing = expected - given - (set() if has_head else set(HEAD_KEYS))
+        if missing:
+            raise CheckpointError(source, f"missing key '{sorted(missing)[0]}' ({len(missing)} missing)")
+        unknown = given - expected
+        if unknown:
+            raise CheckpointError(source, f"unexpected key '{sorted(unknown)[0]}' for this model")
+        own = self.checkpoint_tensors()
+        for key, value in tensors.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise CheckpointError(
+                    source, f"key '{key}' has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}"
+                )
+        backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
+        self.backbone.load_state_dict(backbone, strict=True)
+        if has_head:
+            self.head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
+
+
+def _create_visual(model_cfg: ModelConfig) -> nn.Module:
+    register_model_configs()
+    pretrained = model_cfg.pretrained
+    if pretrained and Path(pretrained).suffix == ".safetensors":
+        pretrained = None  # a local θ0 file in the checkpoint contract is loaded by the caller
+    factory_log = logging.getLogger()  # open_clip warns "no pretrained weights" on the root logger
+    level = factory_log.level
+    if pretrained is None:
+        factory_log.setLevel(logging.ERROR)  # expected: θ0 comes from init_seed or a local file
+    try:
+        clip = open_clip.create_model(model_cfg.name, pretrained=pretrained)
+    except RuntimeError as err:  # unknown model name or tag
+        from r2m.errors import ConfigError
+
+        raise ConfigError(f"model '{model_cfg.name}' (pretrained={model_cfg.pretrained!r}): {err}") from None
+    finally:
+        factory_log.setLevel(level)
+    return clip.visual
+
+
+def build_detector(model_cfg: ModelConfig) -> Detector:
+    """A detector with the configured backbone and a freshly initialised head (seeded by the caller)."""
+    visual = _create_visual(model_cfg)
+    width = visual.proj.shape[0] if visual.proj is not None else visual.output_dim
+    return Detector(visual, width)
+
+
+def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device: torch.device | str = "cpu") -> Detector:
+    """A detector with the weights of a checkpoint; the model config comes from its sidecar by default."""
+    ckpt = load_checkpoint(path)
+    if model_cfg is None:
+        model = ckpt.meta.get("model") or {}
+        if "name" not in model:
+            raise CheckpointError(path, "sidecar has no 'model.name'; pass the model config explicitly")
+        model_cfg = ModelConfig(name=model["name"])
+    else:
+        model_cfg = ModelConfig(name=model_cfg.name)  # weights come from the file, never from a hub
+    detector = build_detector(model_cfg)
+    detector.load_checkpoint_tensors(ckpt.tensors, source=path)
+    return detector.to(device).eval()
+
+
+def image_size(model_name: str) -> int:
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        from r2m.errors import ConfigError
+
+        raise ConfigError(f"unknown open_clip model '{model_name}'")
+    size = cfg["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def preprocessing(params: Params) -> dict:
+    """What a client must do to an image before the detector: the eval transform, as data."""
+    return {
+        "image_size": image_size(params.model.name),
+        "mean": list(params.train.mean),
+        "std": list(params.train.std),
+        "interpolation": "bilinear",
+    }

@@ -1,0 +1,178 @@
+"""Fine-tune one specialist θ_i from θ0 on one generator's dataset (DF40 `clip.yaml` recipe).
+
+Seeded and deterministic on CPU; CUDA with mixed precision when present. The same function
+trains the All-in-one baseline when given several datasets (their union).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm.auto import tqdm
+
+from r2m.checkpoint import file_sha256, load_checkpoint, read_meta, save_checkpoint
+from r2m.config import Params
+from r2m.data import GeneratorDataset, ImageDataset, build_transform
+from r2m.errors import TrainingError
+from r2m.models.detector import Detector, build_detector, image_size, pick_device
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    sha256: str
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def predict_scores(detector: Detector, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Fake probabilities softmax(logits)[:, 1] and labels over a loader."""
+    detector.eval()
+    scores, labels = [], []
+    for images, targets in loader:
+        logits = detector(images.to(device, non_blocking=True)).float()
+        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu())
+        labels.append(targets)
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
+
+
+def _loader(datasets: Sequence[GeneratorDataset], split: str, transform, params: Params, shuffle: bool, generator=None) -> DataLoader:
+    parts = [ImageDataset(ds.split(split), transform) for ds in datasets]
+    return DataLoader(
+        ConcatDataset(parts),
+        batch_size=params.train.batch_size,
+        shuffle=shuffle,
+        num_workers=params.train.num_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def recipe(params: Params) -> dict:
+    """Everything that determines a specialist besides its data and θ0."""
+    return {
+        "model": params.model.name,
+        "backbone_lr": params.backbone_lr,
+        **params.train.model_dump(mode="json"),
+    }
+
+
+def train_specialist(
+    datasets: Sequence[GeneratorDataset],
+    params: Params,
+    out: Path | str,
+    *,
+    pretrained: Path | str,
+    name: str | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Fine-tune θ0 (`pretrained`) on the train splits of `datasets`; validate on their val splits."""
+    if not datasets:
+        raise TrainingError("no dataset to train on")
+    unseen = [ds.name for ds in datasets if ds.role != "seen"]
+    if unseen:
+        raise TrainingError(f"dataset '{unseen[0]}' has role unseen: it is for evaluation only")
+    name = name or "+".join(ds.name for ds in datasets)
+    out = Path(out)
+    cfg = params.train
+    device = pick_device()
+    generator = seed_everything(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    theta0 = load_checkpoint(pretrained)
+    theta0_sha = file_sha256(pretrained)
+    detector = build_detector(params.model)
+    detector.load_checkpoint_tensors(theta0.tensors, source=pretrained)
+    detector.to(device)
+
+    size = image_size(params.model.name)
+    train_loader = _loader(datasets, "train", build_transform(True, size, cfg), params, True, generator)
+    val_loader = _loader(datasets, "val", build_transform(False, size, cfg), params, False)
+
+    optimizer = torch.optim.Adam(
+        detector.parameters(), lr=params.backbone_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+    amp = device.type == "cuda" and cfg.mixed_precision
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    history: list[dict] = []
+    started = time.perf_counter()
+    seen_images = 0
+    train_seconds = 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        detector.train()
+        total, count = 0.0, 0
+        t0 = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                loss = loss_fn(detector(images), labels)
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"specialist '{name}': loss became {loss.item()} at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item() * len(labels)
+            count += len(labels)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        train_seconds += time.perf_counter() - t0
+        seen_images += count
+        scores, targets = predict_scores(detector, val_loader, device)
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_auc": _auc(targets, scores)}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if progress:
+            tqdm.write(f"{name} epoch {epoch}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}")
+
+    metrics = {
+        "val_auc": history[-1]["val_auc"],
+        "train_loss": history[-1]["train_loss"],
+        "train_seconds": time.perf_counter() - started,
+        "images_per_s": seen_images / train_seconds if train_seconds else float("nan"),
+        "train_images": len(train_loader.dataset),
+        "val_images": len(val_loader.dataset),
+    }
+    meta = {
+        "kind": "specialist" if len(datasets) == 1 else "all-in-one",
+        "generator": name,
+        "generators": [ds.name for ds in datasets],
+        "families": sorted({ds.family for ds in datasets}),
+        "domains": sorted({ds.domain for ds in datasets}),
+        "data_hash": datasets[0].data_hash if len(datasets) == 1 else {ds.name: ds.data_hash for ds in datasets},
+        "theta0_sha256": theta0_sha,
+        "model": read_meta(pretrained).get("model", {"name": params.model.name}),
+        "recipe": recipe(params),
+        "metrics": metrics,
+        "history": history,
+        "device": device.type,
+    }
+    sha = save_checkpoint(out, detector.checkpoint_tensors(), meta)
+    return TrainResult(path=out, sha256=sha, metrics=metrics, history=history)

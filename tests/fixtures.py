@@ -1,0 +1,62 @@
+"""Small on-disk generator datasets for tests (PNG files in the data contract)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+
+def _photo(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random 'photo': low-frequency colour noise, upsampled."""
+    small = rng.uniform(40, 215, size=(size // 8, size // 8, 3))
+    img = Image.fromarray(small.astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    return np.asarray(img).astype(np.float32)
+
+
+def _artifact(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    size = img.shape[0]
+    out = img.copy()
+    if kind == "square":  # a bright block: trivially separable
+        y, x = rng.integers(0, size - size // 3, size=2)
+        out[y : y + size // 3, x : x + size // 3] = 250
+    elif kind == "checker":  # a high-frequency checkerboard overlay
+        yy, xx = np.mgrid[:size, :size]
+        out += 25.0 * (((yy + xx) % 2) * 2 - 1)[..., None]
+    elif kind == "none":  # no artifact: labels are noise
+        pass
+    else:
+        raise ValueError(kind)
+    return np.clip(out, 0, 255)
+
+
+def make_generator_dataset(
+    root: Path,
+    name: str,
+    *,
+    family: str = "FS",
+    domain: str = "ff",
+    role: str = "seen",
+    n_per_class: int = 24,
+    groups: int = 6,
+    artifact: str = "square",
+    size: int = 64,
+    seed: int = 0,
+    **manifest,
+) -> Path:
+    """Write `root/name/` with generator.yaml, real/ and fake/ (`<group>__<i>.png`)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / name
+    for label in ("real", "fake"):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = _photo(rng, size)
+            if label == "fake":
+                img = _artifact(img, artifact, rng)
+            group = f"{name}-src{i % groups}"
+            Image.fromarray(img.astype(np.uint8)).save(folder / label / f"{group}__{i:03d}.png")
+    doc = {"name": name, "family": family, "domain": domain, "role": role, **manifest}
+    (folder / "generator.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return folder
