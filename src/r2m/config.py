@@ -41,6 +41,25 @@ class ModelConfig(Section):
     lr: float | None = None  # the backbone's own learning rate; None = train.lr
 
 
+class PretrainConfig(Section):
+    """Proxy pretraining of the tiny offline θ0 on real photographs (`r2m.models.pretrain`).
+
+    Used only when `model.pretrained` is null: a real open_clip tag or weights file is already
+    pretrained. Off by default (a seeded random θ0, fast for tests); params.yaml turns it on.
+    """
+
+    enabled: bool = False
+    tasks: tuple[Literal["rotation", "masked", "source"], ...] = ("rotation", "masked")
+    n_images: int = Field(2048, ge=1)  # fresh crops of the real-photo pool every epoch
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)  # AdamW peak lr; linear warm-up then cosine decay
+    weight_decay: float = 0.05
+    warmup: float = Field(0.1, ge=0, le=1)  # fraction of the steps
+    mask_ratio: float = Field(0.5, gt=0, lt=1)  # masked-patch task: fraction of patches hidden
+    seed: int = 0
+
+
 class AugmentConfig(Section):
     """DF40 `clip.yaml` augmentations (paper B.2)."""
 
@@ -96,8 +115,9 @@ class DemoConfig(Section):
     """The embedded benchmark (`r2m demo-data`, SPEC section 11)."""
 
     seed: int = 0
-    size: int = Field(220, ge=1)  # images per class per dataset
+    size: int = Field(400, ge=1)  # images per class per dataset (seen test ≈ 15 %, unseen test = all)
     image_size: int = 64
+    strength: float = Field(1.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
 
 
 class MergeConfig(Section):
@@ -126,21 +146,29 @@ class GateConfig(Section):
 class ExportConfig(Section):
     """ONNX export and parity (SPEC section 8)."""
 
-    opset: int = 17
-    parity_atol: float = 1e-4
-    parity_samples: int = 64
-    int8: bool = True
-    int8_auc_tolerance: float = 0.01
+    opset: int = Field(18, ge=18)  # torch's dynamo exporter implements opset >= 18
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"  # torchscript: the legacy, deprecated tracer (faster)
+    parity_atol: float = 1e-4  # max |logit_onnx - logit_torch| on the parity batch
+    parity_batch: int = Field(8, ge=2)  # random inputs in the normalised pixel range
+    parity_samples: int = Field(64, ge=2)  # dataset test images scored by both (AUC must match)
+    parity_auc_tolerance: float = 0.0  # 0 = identical AUC
+    int8: bool = True  # also write the dynamic-int8 challenger (kept only within tolerance)
+    int8_auc_tolerance: float = 0.01  # max |AUC_int8 - AUC_fp32| on every seen task
+    triton_max_batch_size: int = Field(32, ge=1)
+    triton_instance_kind: Literal["KIND_AUTO", "KIND_GPU", "KIND_CPU"] = "KIND_AUTO"  # AUTO: GPU if present
+    triton_instance_count: int = Field(1, ge=1)
+    triton_max_queue_delay_us: int = Field(1000, ge=0)
 
 
 class ServeConfig(Section):
     """The ONNX Runtime HTTP server (SPEC section 8)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    threads: int = 1
-    max_upload_bytes: int = 10_000_000
-    poll_interval_s: float = 2.0
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = Field(8080, ge=0, le=65535)
+    threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads
+    max_upload_bytes: int = Field(10_000_000, ge=1)  # /v1/detect file and /v2 JSON body limit
+    poll_interval_s: float = Field(2.0, gt=0)  # how often the model repository is checked
+    threshold: float = Field(0.5, ge=0, le=1)  # fake_probability >= threshold -> "fake"
 
 
 class FlowConfig(Section):
@@ -150,7 +178,9 @@ class FlowConfig(Section):
     retries: int = 2
     retry_delay_s: int = 10
     min_specialist_val_auc: float = 0.7
-    outlier_cosine: float = 0.0  # a task vector whose cosine to the others' mean is below is rejected
+    outlier_cosine: float = 0.0  # a specialist whose fake direction has lower cosine with the accepted ones' is rejected
+    all_in_one: bool = True  # train and score the All-in-one baseline beside the merges
+    compute_slots: int = Field(1, ge=1)  # heavy steps (training, re-merge, export) at once across flow runs
 
 
 class Params(Section):
@@ -158,6 +188,7 @@ class Params(Section):
 
     paths: PathsConfig = PathsConfig()
     model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
