@@ -1,9 +1,60 @@
 """`r2m merge`: training-free merging of specialists (issue 4)."""
 
-from r2m.cli import command, not_implemented
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from r2m.cli import command
+
+# flag -> hyperparameter name, per method (a flag that does not apply is an error, not ignored)
+_FLAGS = {"alpha": "--alpha", "rank": "--rank", "lam": "--lam", "top_p": "--top-p", "eta": "--eta", "eta_mode": "--eta-mode", "core": "--core", "k": "--k", "form": "--form"}
 
 
 @command("merge")
-def merge() -> None:
-    """Merge specialists into one detector with WA, TA, TIES, CART or R²M."""
-    not_implemented("merge")
+def merge(
+    method: Optional[str] = typer.Option(None, "--method", help="wa | ta | ties | cart | r2m (default: params.yaml merge.method)."),
+    pretrained: Path = typer.Option(..., "--pretrained", help="θ0: the pretrained backbone (.safetensors)."),
+    specialist: List[Path] = typer.Option([], "--specialist", help="A specialist checkpoint; repeat for each."),
+    out: Path = typer.Option(..., "--out", help="Merged checkpoint to write (.safetensors; sidecar <out>.json)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="R²M: α in η = α‖τ_core‖/‖τ_res‖."),
+    rank: Optional[float] = typer.Option(None, "--rank", help="R²M / CART: rank ratio r (k = ⌊r·min(m,n)⌋ ≥ 1)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="TA / TIES: λ."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="TIES: fraction of |τ_i| kept."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="CART: η."),
+    eta_mode: Optional[str] = typer.Option(None, "--eta-mode", help="R²M: normalized (§4) | literal (eq. 6)."),
+    core: Optional[str] = typer.Option(None, "--core", help="R²M: centered (eq. 2) | uncentered."),
+    k: Optional[int] = typer.Option(None, "--k", help="R²M: rank of the Real core (default 1)."),
+    form: Optional[str] = typer.Option(None, "--form", help="TA: sum|mean; TIES: official|sum; CART: sum|mean."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)."),
+    params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
+    progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bars on stderr."),
+) -> None:
+    """Merge specialists into one detector with WA, TA, TIES, CART or R²M (SPEC section 5).
+
+    Every specialist must come from the same θ0 (checked by sha256) and share its keys and
+    shapes. Heads are averaged for every method. Writes the merged safetensors plus a JSON
+    sidecar with the method, hyperparameters, inputs and diagnostics.
+    """
+    from r2m.config import load_params
+    from r2m.errors import MergeError
+    from r2m.merging.files import merge_files
+    from r2m.merging.registry import get_method
+
+    cfg = load_params(params_file).merge
+    method = method or cfg.method
+    spec = get_method(method)
+    given = {"alpha": alpha, "rank": rank, "lam": lam, "top_p": top_p, "eta": eta, "eta_mode": eta_mode, "core": core, "k": k, "form": form}
+    given = {name: v for name, v in given.items() if v is not None}
+    for name in given:
+        if name not in spec.hparams:
+            raise MergeError(f"{_FLAGS[name]} does not apply to method '{method}' (it takes: {', '.join(_FLAGS[h] for h in spec.hparams) or 'no options'})")
+    if method == "r2m":  # R²M's defaults live in params.yaml (one source of truth)
+        given = {"alpha": cfg.alpha, "rank": cfg.rank, "core": cfg.core, "eta_mode": cfg.eta, **given}
+    result, meta = merge_files(method, pretrained, specialist, out, given, device=device, progress=progress)
+    d = result.diagnostics
+    summary = ", ".join(f"{key} {d[key]:.4g}" for key in ("tau_bar_norm", "core_ratio", "cos_v_tau_bar", "residual_norm", "eta") if isinstance(d.get(key), float))
+    hp = ", ".join(f"{key}={v}" for key, v in result.hparams.items())
+    typer.echo(f"{method}({hp}) of {len(specialist)} specialists -> {out} ({meta['merge_seconds']:.1f} s){'; ' + summary if summary else ''}")

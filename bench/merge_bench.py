@@ -1,0 +1,262 @@
+"""Merging at ViT-L/14 scale: wall time and peak RSS of every method, against the I/O floor and
+the SVD time measured in the same run (issue 4). Not a test: run it by hand.
+
+    .venv/bin/python bench/merge_bench.py [--model ViT-L-14] [--n 3 6] [--threads 2]
+
+θ0 is open_clip's visual tower with random init (`pretrained=None`, no download, `proj` removed as
+in the detector); specialists are θ0 + synthetic task vectors (a shared low-rank direction with
+per-specialist weight, a specialist-specific low-rank part, and dense noise), written as
+safetensors to a temporary folder that is deleted at the end. Every measurement runs in a fresh
+subprocess which reports its own wall time and peak RSS (getrusage of itself):
+
+- io:   read every tensor of θ0 and the N specialists, nothing else (the I/O floor);
+- svd:  the layerwise truncations alone (Gram + eigh + projection), inputs read untimed;
+- wa, ta, ties, cart, r2m: the streamed merge, files in, safetensors file out.
+
+Prints a markdown table plus the issue's ratios and writes them to bench/results/merge_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METHOD_ARGS = {
+    "wa": {},
+    "ta": {"lam": 0.5},
+    "ties": {"top_p": 0.2},
+    "cart": {"eta": 1.0, "rank": 0.1},
+    "r2m": {"alpha": 0.5, "rank": 0.7},
+}
+
+
+def _threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# -- synthetic checkpoints -------------------------------------------------------------------------
+
+def make_checkpoints(model: str, n: int, folder: Path, seed: int = 0) -> None:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    visual = open_clip.create_model(model, pretrained=None).visual
+    visual.proj = None
+    theta0 = {f"backbone.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()}
+    del visual
+    save_file(theta0, str(folder / "theta0.safetensors"))
+    width = theta0["backbone.ln_pre.weight"].shape[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    shared = {}
+    for k, v in theta0.items():  # one shared rank-4 direction per matrix: the "Real" part
+        if v.ndim == 2:
+            shared[k] = (torch.randn(v.shape[0], 4, generator=g), torch.randn(4, v.shape[1], generator=g))
+    for i in range(n):
+        weight = 1.0 + 0.5 * i / max(n - 1, 1)
+        spec = {}
+        for k, v in theta0.items():
+            noise = 2e-4 * torch.randn(v.shape, generator=g)
+            if v.ndim == 2:
+                a, b = shared[k]
+                own = torch.randn(v.shape[0], 8, generator=g) @ torch.randn(8, v.shape[1], generator=g)
+                noise += 1e-4 * weight * (a @ b) + 1e-4 * own
+            spec[k] = (v + noise).contiguous()
+        spec["head.weight"] = 0.01 * torch.randn(2, width, generator=g)
+        spec["head.bias"] = torch.zeros(2)
+        save_file(spec, str(folder / f"spec{i}.safetensors"))
+        del spec
+
+
+# -- children --------------------------------------------------------------------------------------
+
+def child(mode: str, folder: Path, n: int, threads: int, extra: dict) -> dict:
+    _threads(threads)
+    import torch
+
+    from r2m.merging import METHODS, DiskScratch, Runtime, SafetensorsSink, SafetensorsSource, TaskVectors
+    from r2m.merging.linalg import truncate_blocks
+    from r2m.merging.taskvectors import centred, task_vectors
+
+    paths = [folder / "theta0.safetensors"] + [folder / f"spec{i}.safetensors" for i in range(n)]
+    start = time.perf_counter()
+    sources = [SafetensorsSource(p) for p in paths]
+    info: dict = {}
+    if mode == "io":
+        nbytes = 0
+        for s in sources:
+            for k in s.keys():
+                nbytes += s.get(k).numel()
+        info["elements"] = nbytes
+    elif mode == "iow":  # the floor plus writing one model-sized safetensors file (what every merge must do)
+        tv = TaskVectors(sources[0], sources[1:])
+        out = folder / "out-iow.safetensors"
+        sink = SafetensorsSink(out, tv.layout())
+        for s in sources[2:]:
+            for k in s.keys():
+                s.get(k)
+        for k, _, _ in tv.layout():
+            sink.put(k, sources[1].get(k))
+        sink.close()
+        out.unlink()
+    elif mode == "svd":
+        tv = TaskVectors(sources[0], sources[1:], Runtime(device="cpu"))
+        svd = 0.0
+        for p, theta0, stack in tv.stream():
+            if p.blocks:
+                delta = centred(task_vectors(theta0, stack))
+                t = time.perf_counter()
+                truncate_blocks(delta, p.shape, p.blocks, extra.get("rank", 0.7), torch.device("cpu"))
+                svd += time.perf_counter() - t
+        info["svd_only_seconds"] = svd
+    else:
+        spec = METHODS[mode]
+        tv = TaskVectors(sources[0], sources[1:])
+        out = folder / f"out-{mode}.safetensors"
+        sink = SafetensorsSink(out, tv.layout())
+        scratch = DiskScratch(folder) if mode == "r2m" else None
+        result = spec.fn(sources[0], sources[1:], runtime=Runtime(device="cpu", sink=sink, scratch=scratch), **spec.resolve(extra))
+        sink.close()
+        if scratch is not None:
+            scratch.close()
+        out.unlink()
+        info["diagnostics"] = result.diagnostics
+    info["seconds"] = time.perf_counter() - start
+    info["max_rss_gb"] = _peak_rss_gb()
+    return info
+
+
+def _peak_rss_gb() -> float:
+    """This process's own peak RSS (VmHWM). getrusage's ru_maxrss would also count the parent's RSS
+    at fork time, which Linux carries over into a child's ru_maxrss across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def measure(mode: str, folder: Path, n: int, threads: int, extra: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--dir", str(folder), "--n", str(n), "--threads", str(threads), "--extra", json.dumps(extra or {})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"child {mode} N={n} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def report(model: str, rows: dict, threads: int, total_params: int) -> str:
+    lines = [
+        f"# Merge benchmark: {model} visual tower ({total_params / 1e6:.0f} M parameters, fp32), {threads} threads, CPU",
+        "",
+        f"Machine: {os.cpu_count()} cores visible; every cell is one fresh subprocess (wall s / its own peak RSS = VmHWM, GB).",
+        "",
+        "| N | I/O floor | floor + write | SVDs | WA | TA | TIES | CART | R²M |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    checks = []
+    na = "–"
+    for n, r in rows.items():
+        cell = lambda m: f"{r[m]['seconds']:.1f} s / {r[m]['max_rss_gb']:.2f} GB" if m in r else na
+        in_run = r.get("r2m", {}).get("diagnostics", {}).get("svd_seconds")
+        svd = " / ".join(x for x in (f"{r['svd']['svd_only_seconds']:.1f} s alone" if "svd" in r else "", f"{in_run:.1f} s in R²M" if in_run else "") if x) or na
+        lines.append(f"| {n} | {cell('io')} | {cell('iow')} | {svd} | " + " | ".join(cell(m) for m in METHOD_ARGS) + " |")
+        wa = r.get("wa", {}).get("seconds")
+        target = 1.2 if n == max(rows) else None
+        if "r2m" in r and wa:
+            checks.append((n, "R²M / (SVD in the same R²M run + WA)", r["r2m"]["seconds"] / (in_run + wa), target))
+            checks.append((n, "R²M peak RSS (GB)", r["r2m"]["max_rss_gb"], 4.0))
+        if "svd" in r and "r2m" in r and wa:
+            checks.append((n, "R²M / (SVDs alone, own subprocess + WA)", r["r2m"]["seconds"] / (r["svd"]["svd_only_seconds"] + wa), target))
+        if "ties" in r and wa:
+            checks.append((n, "TIES / WA", r["ties"]["seconds"] / wa, 5.0))
+        if wa and "io" in r:
+            checks.append((n, "WA / I/O floor", wa / r["io"]["seconds"], 1.5))
+        if wa and "iow" in r:
+            checks.append((n, "WA / (I/O floor + writing the output)", wa / r["iow"]["seconds"], None))
+        if "cart" in r and wa:
+            checks.append((n, "CART / (its SVD + WA)", r["cart"]["seconds"] / (r["cart"]["diagnostics"]["svd_seconds"] + wa), None))
+    lines += ["", "| N | ratio | measured | target | met |", "|---|---|---|---|---|"]
+    for n, name, value, target in checks:
+        ok = "" if target is None else ("yes" if value <= target else "NO")
+        lines.append(f"| {n} | {name} | {value:.2f} | {'' if target is None else f'≤ {target}'} | {ok} |")
+    lines += ["", "R²M diagnostics (centred core = eq. 2, the default; uncentred = SVD of M, `core=uncentered`):", ""]
+    lines += ["| N | reading | singular values | ‖τ_core‖/‖τ̄‖ | cos(v, τ̄) | ‖τ̄‖ | ‖τ_res‖ | η |", "|---|---|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        if "r2m" not in r:
+            continue
+        d = r["r2m"]["diagnostics"]
+        sv = ", ".join(f"{s:.3g}" for s in d["singular_values"])
+        lines.append(f"| {n} | centred | {sv} | {d['core_ratio']:.3f} | {d['cos_v_tau_bar']:.3f} | {d['tau_bar_norm']:.3g} | {d['residual_norm']:.3g} | {d['eta']:.3g} |")
+        o = d["other_core"]
+        sv = ", ".join(f"{s:.3g}" for s in o["singular_values"])
+        lines.append(f"| {n} | uncentred | {sv} | {o['core_ratio']:.3f} | {o['cos_v_tau_bar']:.3f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="ViT-L-14")
+    ap.add_argument("--n", type=int, nargs="+", default=[3, 6])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (default: a temp dir)")
+    ap.add_argument("--out", default=str(HERE / "results" / "merge_bench.md"))
+    ap.add_argument("--modes", nargs="+", default=["io", "iow", "wa", "r2m", "ties", "ta", "cart", "svd"], help="what to measure")
+    ap.add_argument("--reuse", default=None, help="a folder with checkpoints from an earlier run (kept afterwards)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, Path(args.dir), args.n[0], args.threads, json.loads(args.extra))))
+        return
+    _threads(args.threads)
+    folder = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="r2m-merge-bench-", dir=args.workdir))
+    rows: dict[int, dict] = {}
+    try:
+        t = time.perf_counter()
+        if not args.reuse:
+            make_checkpoints(args.model, max(args.n), folder)
+        from r2m.merging import SafetensorsSource
+
+        src = SafetensorsSource(folder / "theta0.safetensors")
+        total = sum(int(__import__("math").prod(src.shape(k))) for k in src.keys())
+        print(f"checkpoints written in {time.perf_counter() - t:.0f} s to {folder}", flush=True)
+        for n in sorted(args.n, reverse=True):  # N = 6 first: the issue's targets are stated for it
+            r: dict = {}
+            rows[n] = r
+            for mode in args.modes:
+                extra = METHOD_ARGS.get(mode, {"rank": METHOD_ARGS["r2m"]["rank"]})
+                r[mode] = measure(mode, folder, n, args.threads, extra)
+                print(f"N={n} {mode}: {r[mode]['seconds']:.1f} s, {r[mode]['max_rss_gb']:.2f} GB", flush=True)
+                _write(args.out, report(args.model, rows, args.threads, total), rows)
+    finally:
+        if not args.reuse:
+            shutil.rmtree(folder, ignore_errors=True)
+    text = report(args.model, rows, args.threads, total)
+    _write(args.out, text, rows)
+    print(text)
+
+
+def _write(out: str, text: str, rows: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    Path(out).with_suffix(".json").write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Merging checkpoint files (the I/O side of `r2m merge` and the pipeline's re-merge step).
+
+Checks the checkpoint contract across files (every specialist's sidecar names the θ0 it was
+fine-tuned from, by the sha256 of θ0's safetensors file), streams the merge tensor by tensor
+into a temporary file beside the output, and publishes it atomically with a sidecar
+`<out>.json` of kind "merged": method, hyperparameters, θ0 hash, inputs (sha256, generator) and
+the method's diagnostics.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from r2m.checkpoint import file_sha256, read_meta, sidecar_path, write_json
+from r2m.errors import MergeError
+from r2m.merging.registry import get_method
+from r2m.merging.stream import DiskScratch, SafetensorsSink, SafetensorsSource
+from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
+
+
+def check_theta0(pretrained: Path, specialists: Sequence[Path]) -> str:
+    """θ0's sha256; raises MergeError naming the first specialist fine-tuned from another θ0."""
+    theta0_sha = file_sha256(pretrained)
+    for path in specialists:
+        meta = read_meta(path)
+        claimed = meta.get("theta0_sha256")
+        if not claimed:
+            raise MergeError(f"{path}: sidecar {sidecar_path(path).name} has no 'theta0_sha256'; cannot check it was fine-tuned from {pretrained}")
+        if claimed != theta0_sha:
+            raise MergeError(f"{path}: fine-tuned from another θ0 (theta0_sha256 {claimed[:12]}…, {pretrained} is {theta0_sha[:12]}…)")
+    return theta0_sha
+
+
+def merge_files(
+    method: str,
+    pretrained: Path | str,
+    specialists: Sequence[Path | str],
+    out: Path | str,
+    hparams: dict | None = None,
+    *,
+    device: str | None = None,
+    progress: bool = False,
+    check_hashes: bool = True,
+) -> tuple[MergeResult, dict]:
+    """Merge specialist files into `out` (+ sidecar). Returns (result without tensors, sidecar meta)."""
+    spec = get_method(method)
+    hp = spec.resolve(hparams or {})
+    pretrained = Path(pretrained)
+    specialists = [Path(s) for s in specialists]
+    out = Path(out)
+    if not specialists:
+        raise MergeError("no specialists to merge: give at least one --specialist")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"--device {device}: CUDA is not available on this machine")
+    for path in (pretrained, *specialists):
+        if path.resolve() == out.resolve():
+            raise MergeError(f"{out}: the output would overwrite an input")
+    sources = [SafetensorsSource(p) for p in (pretrained, *specialists)]
+    theta0_sha = check_theta0(pretrained, specialists) if check_hashes else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    scratch = DiskScratch(out.parent) if method == "r2m" else None
+    sink = None
+    start = time.perf_counter()
+    try:
+        layout = TaskVectors(sources[0], sources[1:]).layout()
+        sink = SafetensorsSink(tmp, layout, {"format": "pt", "method": method})
+        runtime = Runtime(device=device, scratch=scratch, sink=sink, progress=progress)
+        result = spec.fn(sources[0], sources[1:], runtime=runtime, **hp)
+        sink.close()
+        os.replace(tmp, out)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        if scratch is not None:
+            scratch.close()
+        for s in sources:
+            s.close()
+    seconds = time.perf_counter() - start
+    theta0_meta = read_meta(pretrained)
+    inputs = []
+    for path in specialists:
+        meta = read_meta(path)
+        inputs.append({"path": str(path), "sha256": file_sha256(path) if check_hashes else None, "generator": meta.get("generator")})
+    sidecar = {
+        "kind": "merged",
+        "method": method,
+        "hparams": result.hparams,
+        "model": theta0_meta.get("model") or read_meta(specialists[0]).get("model"),
+        "theta0_sha256": theta0_sha,
+        "pretrained": str(pretrained),
+        "specialists": inputs,
+        "generators": [i["generator"] for i in inputs],
+        "diagnostics": result.diagnostics,
+        "merge_seconds": seconds,
+        "device": str(runtime.resolved_device()),
+        "sha256": file_sha256(out),
+    }
+    write_json(sidecar_path(out), sidecar)
+    return result, sidecar
+
+
+def load_merged(path: Path | str) -> dict[str, torch.Tensor]:
+    """Read a merged file back (tests, small models)."""
+    src = SafetensorsSource(path)
+    try:
+        return {k: src.get(k).clone() for k in src.keys()}
+    finally:
+        src.close()
