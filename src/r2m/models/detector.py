@@ -15,6 +15,7 @@ from torch import nn
 
 from r2m.checkpoint import BACKBONE_PREFIX, HEAD_KEYS, load_checkpoint
 from r2m.config import ModelConfig, Params
+from r2m.data.transforms import INTERPOLATION
 from r2m.errors import CheckpointError
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -138,5 +139,5 @@ def preprocessing(params: Params) -> dict:
         "image_size": image_size(params.model.name),
         "mean": list(params.train.mean),
         "std": list(params.train.std),
-        "interpolation": "bilinear",
+        "interpolation": INTERPOLATION,
     }

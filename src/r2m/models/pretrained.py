@@ -1,7 +1,8 @@
 """θ0: the shared pretrained backbone every specialist starts from, written once and hashed.
 
 Real runs get CLIP weights through open_clip (`model.pretrained: openai`) or a local weights
-file; the tiny offline backbone is initialised from `model.init_seed`. Either way θ0 is frozen
+file; the tiny offline backbone is initialised from `model.init_seed` and, with `pretrain.enabled`,
+proxy-pretrained on real photographs (`r2m.models.pretrain`, docs/pretraining.md). Either way θ0 is frozen
 into `artifacts/pretrained/<model>.safetensors` and its sha256 identifies it: every specialist
 records that hash, and merging refuses specialists of another θ0.
 """
@@ -22,12 +23,23 @@ def pretrained_path(params: Params) -> Path:
     return params.path("artifacts") / "pretrained" / f"{params.model.name}.safetensors"
 
 
+def proxy_pretraining(params: Params) -> bool:
+    """Whether θ0 is proxy-pretrained here: only with no real weights (`model.pretrained` null)."""
+    return params.model.pretrained is None and params.pretrain.enabled
+
+
 def _describe(params: Params) -> dict:
-    return {"name": params.model.name, "pretrained": params.model.pretrained, "init_seed": params.model.init_seed}
+    described = {"name": params.model.name, "pretrained": params.model.pretrained, "init_seed": params.model.init_seed}
+    if proxy_pretraining(params):
+        described["pretrain"] = params.pretrain.model_dump(mode="json")
+    return described
 
 
-def ensure_pretrained(params: Params) -> Path:
-    """Write θ0 once and return its path; later calls check it still matches the config."""
+def ensure_pretrained(params: Params, progress: bool = True) -> Path:
+    """Write θ0 once and return its path; later calls check it still matches the config.
+
+    With no real weights and `pretrain.enabled`, θ0 is the seeded init after proxy pretraining
+    on real photographs (`r2m.models.pretrain`); its losses and time go into the sidecar."""
     path = pretrained_path(params)
     if path.is_file():
         meta = read_meta(path)
@@ -44,6 +56,13 @@ def ensure_pretrained(params: Params) -> Path:
         tensors = {k if k.startswith(BACKBONE_PREFIX) else BACKBONE_PREFIX + k: v for k, v in tensors.items()}
         tensors = {k: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
         detector.load_checkpoint_tensors(tensors, source=source)
+    meta = {"kind": "pretrained", "model": _describe(params)}
+    if proxy_pretraining(params):
+        from r2m.models.pretrain import run_pretraining
+
+        result = run_pretraining(params, progress=progress)
+        detector.load_checkpoint_tensors(result.tensors, source="proxy pretraining")
+        meta["pretraining"] = {"history": result.history, "seconds": result.seconds}
     backbone = {k: v for k, v in detector.checkpoint_tensors().items() if k.startswith(BACKBONE_PREFIX)}
-    save_checkpoint(path, backbone, {"kind": "pretrained", "model": _describe(params)})
+    save_checkpoint(path, backbone, meta)
     return path
