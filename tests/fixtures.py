@@ -25,6 +25,9 @@ def _artifact(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
     elif kind == "checker":  # a high-frequency checkerboard overlay
         yy, xx = np.mgrid[:size, :size]
         out += 25.0 * (((yy + xx) % 2) * 2 - 1)[..., None]
+    elif kind == "band":  # a dark horizontal band: another easy artifact, survives the augmentations
+        y = rng.integers(0, size - size // 5)
+        out[y : y + size // 5] *= 0.4
     elif kind == "none":  # no artifact: labels are noise
         pass
     else:
@@ -60,3 +63,27 @@ def make_generator_dataset(
     doc = {"name": name, "family": family, "domain": domain, "role": role, **manifest}
     (folder / "generator.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return folder
+
+
+_MLFLOW_TEMPLATE: dict[str, Path] = {}
+
+
+def seed_mlflow_store(project: Path) -> Path:
+    """Put an empty, fully migrated MLflow SQLite store at `project/mlflow.db`.
+
+    Creating a store runs MLflow's schema migrations (~15 s here); doing it once per session and
+    copying the file keeps every test on its own real store without paying that each time.
+    """
+    import shutil
+    import tempfile
+
+    if "db" not in _MLFLOW_TEMPLATE:
+        from mlflow import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="r2m-mlflow-template-"))
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()
+        _MLFLOW_TEMPLATE["db"] = folder / "mlflow.db"
+    target = Path(project) / "mlflow.db"
+    shutil.copyfile(_MLFLOW_TEMPLATE["db"], target)
+    return target

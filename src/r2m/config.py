@@ -45,7 +45,8 @@ class PretrainConfig(Section):
     """Proxy pretraining of the tiny offline θ0 on real photographs (`r2m.models.pretrain`).
 
     Used only when `model.pretrained` is null: a real open_clip tag or weights file is already
-    pretrained. Off by default (a seeded random θ0, fast for tests); params.yaml turns it on.
+    pretrained. Off by default (a seeded random θ0): at the demo's CPU budget it did not make
+    merging work (docs/pretraining.md).
     """
 
     enabled: bool = False
@@ -117,7 +118,7 @@ class DemoConfig(Section):
     seed: int = 0
     size: int = Field(400, ge=1)  # images per class per dataset (seen test ≈ 15 %, unseen test = all)
     image_size: int = 64
-    strength: float = Field(1.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
+    strength: float = Field(3.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
 
 
 class MergeConfig(Section):

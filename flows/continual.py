@@ -1,0 +1,313 @@
+"""The continual loop as Prefect flows (SPEC sections 1 and 9): thin wrappers over `r2m.pipeline`.
+
+- `watch`   (scheduled): scan the data root → onboard every new seen dataset → re-merge → gate →
+            release. Unseen datasets join the evaluation suite; invalid ones are quarantined.
+- `onboard` (by hand):   the same steps for named datasets (`generators=[...]`, None = all new).
+
+Each task is one call into `r2m.pipeline`, so `r2m run` (no Prefect) and these flows take the
+same steps with the same idempotence: a specialist is keyed by its data/θ0/recipe hashes and a
+candidate by its specialists, both in MLflow, so a rerun after a crash redoes only what is
+missing. Heavy steps (training, re-merge + evaluation, export) hold the global concurrency
+limit `r2m-compute` (`flow.compute_slots`, 1 by default), so two flow runs never train at the
+same time on a small host. Transient failures (I/O, a locked SQLite store) are retried
+`flow.retries` times; an `R2MError` (bad data, a failed check or gate) is not, since the same
+input fails the same way. Every run leaves table/markdown artifacts: the datasets found, the
+specialists, and the gate report with links to the MLflow runs.
+
+Run once without a server:  python -c "from flows.continual import watch; watch()"
+Serve on a schedule:        python -m flows.serve
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+
+from r2m import pipeline
+from r2m.config import Params, load_params
+from r2m.data import GeneratorDataset
+from r2m.errors import DatasetError, R2MError
+from r2m.models import ensure_pretrained
+from r2m.pipeline.loop import ensure_all_in_one, is_released, onboarded_check
+from r2m.pipeline.safety import SpecialistCheck
+from r2m.tracking import mlflow_store, registry
+
+COMPUTE_LIMIT = "r2m-compute"  # Prefect global concurrency limit held by every heavy step
+SLOT_LEASE_S = 60  # the shortest lease Prefect grants: how long a SIGKILLed run can block the next
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens for a local store
+
+
+# ----------------------------------------------------------------------------- flow plumbing
+
+
+def ensure_compute_limit(params: Params) -> None:
+    """Create (or resize) the global concurrency limit `r2m-compute` on the Prefect server."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(COMPUTE_LIMIT, params.flow.compute_slots)
+
+
+@contextmanager
+def compute_slot() -> Iterator[None]:
+    """Hold one slot of `r2m-compute` (waits while another run trains, merges or exports).
+
+    `strict=True`: a missing limit is an error rather than a silently unlimited run. The slot is
+    released when the step ends, fails or is terminated (SIGTERM, Ctrl-C); a run killed outright
+    (SIGKILL) stops renewing its lease, and the server frees the slot after `SLOT_LEASE_S`.
+    A lease renewal that fails once does not abort a training.
+    """
+    with concurrency(COMPUTE_LIMIT, occupy=1, strict=True, lease_duration=SLOT_LEASE_S,
+                     raise_on_lease_renewal_failure=False):
+        yield
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry condition: anything but an `R2MError` may pass on a second try."""
+    return not isinstance(state.result(raise_on_failure=False), R2MError)
+
+
+def retry_options(params: Params) -> dict:
+    """Task options from params.yaml `flow:` (retries, delay, which failures are retried)."""
+    return {
+        "retries": params.flow.retries,
+        "retry_delay_seconds": params.flow.retry_delay_s,
+        "retry_condition_fn": is_transient,
+    }
+
+
+# -------------------------------------------------------------------- tasks: one step each
+
+
+@task(name="theta0", task_run_name="theta0", cache_policy=NO_CACHE)
+def prepare_theta0(params: Params) -> Path:
+    """θ0, written once: the backbone every specialist starts from."""
+    with compute_slot():
+        return ensure_pretrained(params)
+
+
+@task(name="scan", cache_policy=NO_CACHE)
+def scan_data_root(params: Params, pretrained: Path) -> pipeline.Scan:
+    """Validate every dataset (quarantine the invalid ones) and find the seen ones not onboarded."""
+    return pipeline.scan(params, onboarded_check(params, mlflow_store.client(params), pretrained))
+
+
+@task(name="accepted-specialists", cache_policy=NO_CACHE)
+def accepted_specialists(params: Params, generators: Sequence[str]) -> list[pipeline.Specialist]:
+    """The newest accepted specialist of each seen generator, from the registry."""
+    return pipeline.registered_specialists(params, generators)
+
+
+@task(name="onboard-specialist", task_run_name="onboard-{dataset.name}", cache_policy=NO_CACHE)
+def onboard_generator(
+    dataset: GeneratorDataset, params: Params, pretrained: Path, accepted: Sequence[pipeline.Specialist]
+) -> tuple[pipeline.Specialist, SpecialistCheck | None]:
+    """Fine-tune, check (own val AUC, outlier task vector) and register one specialist."""
+    with compute_slot():
+        return pipeline.onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted)
+
+
+@task(name="all-in-one", task_run_name="all-in-one", cache_policy=NO_CACHE)
+def train_all_in_one(datasets: Sequence[GeneratorDataset], params: Params, pretrained: Path) -> Path:
+    """The All-in-one baseline (one model on every seen dataset), scored beside the merges."""
+    with compute_slot():
+        return ensure_all_in_one(list(datasets), params, pretrained=pretrained)
+
+
+@task(name="remerge", task_run_name="remerge", cache_policy=NO_CACHE)
+def remerge_candidate(
+    params: Params,
+    pretrained: Path,
+    specialists: Sequence[pipeline.Specialist],
+    found: pipeline.Scan,
+    all_in_one: Path | None,
+) -> pipeline.Candidate | None:
+    """R²M over every accepted specialist (+ baselines), evaluate, gate, register the candidate."""
+    with compute_slot():
+        return pipeline.remerge(params, mlflow_store.client(params), pretrained, specialists, found.seen,
+                                found.unseen, all_in_one=all_in_one)
+
+
+@task(name="release", task_run_name="release-v{candidate.version}", cache_policy=NO_CACHE)
+def release_candidate(
+    params: Params, candidate: pipeline.Candidate, seen: Sequence[GeneratorDataset],
+    specialists: Sequence[pipeline.Specialist],
+) -> pipeline.Release:
+    """ONNX export + parity, register, move `champion`, publish (the gate passed)."""
+    with compute_slot():
+        return pipeline.release(params, mlflow_store.client(params), candidate.version, candidate.path,
+                                candidate.sha256, seen,
+                                lineage={"specialists": {s.generator: s.version for s in specialists}})
+
+
+@task(name="champion", cache_policy=NO_CACHE)
+def current_champion(params: Params) -> str | None:
+    return registry.alias_version(mlflow_store.client(params), registry.CHAMPION)
+
+
+# ------------------------------------------------------------------------------- the flows
+
+
+def onboard_and_release(params: Params, pretrained: Path, found: pipeline.Scan,
+                        datasets: Sequence[GeneratorDataset]) -> pipeline.LoopReport:
+    """Onboard `datasets` one by one, then re-merge all accepted specialists, gate and release.
+
+    Called inside a flow. A rerun with nothing new finds the registered candidate and release,
+    so it trains, merges and registers nothing; after a crash it resumes at the missing step.
+    """
+    retrying = retry_options(params)
+    report = pipeline.LoopReport(scan=found)
+    seen_names = [d.name for d in found.seen]
+    accepted = accepted_specialists(params, seen_names)
+    for dataset in datasets:
+        specialist, check = onboard_generator.with_options(**retrying)(dataset, params, pretrained, accepted)
+        report.onboarded.append(specialist)
+        if check is not None:
+            report.checks.append(check)
+        accepted = accepted_specialists(params, seen_names)
+    report.specialists = accepted
+
+    all_in_one = None
+    if params.flow.all_in_one and accepted:
+        with_specialist = [d for d in found.seen if d.name in {s.generator for s in accepted}]
+        all_in_one = train_all_in_one.with_options(**retrying)(with_specialist, params, pretrained)
+    candidate = remerge_candidate.with_options(**retrying)(params, pretrained, accepted, found, all_in_one)
+    report.candidate = candidate
+    if candidate is not None and candidate.gate_passed and not is_released(mlflow_store.client(params), candidate):
+        seen = [d for d in found.seen if d.name in {s.generator for s in accepted}]
+        report.release = release_candidate.with_options(**retrying)(params, candidate, seen, accepted)
+    report.champion = current_champion(params)
+    publish_reports(params, report)
+    logger = get_run_logger()
+    for line in report.lines():
+        logger.info(line)
+    return report
+
+
+@flow(name="r2m-watch")
+def watch(params_file: str | None = None) -> pipeline.LoopReport:
+    """Scan the data root and onboard every new seen generator dataset (the scheduled flow)."""
+    params = load_params(params_file)
+    ensure_compute_limit(params)
+    pretrained = prepare_theta0.with_options(**retry_options(params))(params)
+    found = scan_data_root(params, pretrained)
+    return onboard_and_release(params, pretrained, found, found.to_onboard)
+
+
+@flow(name="r2m-onboard")
+def onboard(generators: list[str] | None = None, params_file: str | None = None) -> pipeline.LoopReport:
+    """Onboard the named seen datasets (None: every new one), then re-merge, gate and release."""
+    params = load_params(params_file)
+    ensure_compute_limit(params)
+    pretrained = prepare_theta0.with_options(**retry_options(params))(params)
+    found = scan_data_root(params, pretrained)
+    if generators is None:
+        return onboard_and_release(params, pretrained, found, found.to_onboard)
+    by_name = {d.name: d for d in found.seen}
+    missing = [g for g in generators if g not in by_name]
+    if missing:
+        raise DatasetError(params.path("data_root") / missing[0],
+                           "no valid seen generator dataset of that name under the data root")
+    return onboard_and_release(params, pretrained, found, [by_name[g] for g in generators])
+
+
+# --------------------------------------------------------------------------------- reports
+
+
+def mlflow_base_url(params: Params) -> str:
+    """The MLflow UI of the tracking store: the server itself, or `mlflow ui` for a local store."""
+    uri = params.tracking_uri
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+
+
+def mlflow_run_url(params: Params, client, run_id: str) -> str:
+    experiment = client.get_run(run_id).info.experiment_id
+    return f"{mlflow_base_url(params)}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def mlflow_model_url(params: Params, model: str, version: str) -> str:
+    return f"{mlflow_base_url(params)}/#/models/{model}/versions/{version}"
+
+
+def gate_report_of(client, run_id: str) -> dict:
+    """The gate report JSON logged with the candidate's merge run (every rule and number)."""
+    with tempfile.TemporaryDirectory(prefix="r2m-gate-") as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, "gate_report.json", tmp)).read_text())
+
+
+def scan_table(found: pipeline.Scan) -> list[dict]:
+    new = {d.name for d in found.to_onboard}
+    rows = [{"dataset": d.name, "role": d.role, "family": d.family, "domain": d.domain,
+             "status": "new: onboard" if d.name in new else "onboarded", "detail": d.data_hash[:12]}
+            for d in found.seen]
+    rows += [{"dataset": d.name, "role": d.role, "family": d.family, "domain": d.domain,
+              "status": "evaluation suite", "detail": d.data_hash[:12]} for d in found.unseen]
+    rows += [{"dataset": r.path.name, "role": "", "family": "", "domain": "", "status": "quarantined",
+              "detail": f"{r.reason} -> {r.quarantined_to}"} for r in found.rejected]
+    return rows
+
+
+def specialist_table(params: Params, specialists: Sequence[pipeline.Specialist]) -> list[dict]:
+    return [{"generator": s.generator, "version": s.version, "status": s.status,
+             "val_auc": round(s.val_auc, 4), "reason": s.reason,
+             "mlflow": mlflow_model_url(params, registry.specialist_model_name(s.generator), s.version)}
+            for s in specialists]
+
+
+def gate_markdown(params: Params, report: pipeline.LoopReport, gate: dict, run_url: str) -> str:
+    c = report.candidate
+    verdict = "PASSED" if c.gate_passed else "FAILED"
+    lines = [
+        f"# Gate {verdict}: r2m-detector v{c.version}",
+        "",
+        f"- candidate: `{c.method}` with `{json.dumps(c.hparams, sort_keys=True)}`"
+        + (" (unchanged since the last run)" if c.reused else ""),
+        f"- verdict: {c.gate_reason}",
+        f"- MLflow merge run: [{c.run_id}]({run_url}) "
+        f"(local store: `{mlflow_store.ui_command(params)}`)",
+        f"- detector version: [{c.version}]({mlflow_model_url(params, registry.DETECTOR, c.version)})",
+        f"- champion now: {'v' + report.champion if report.champion else 'none'}",
+    ]
+    if report.release is not None:
+        lines.append(f"- released v{report.release.version}: published `{report.release.published}`, "
+                     f"ONNX sha256 `{report.release.onnx_sha256[:16]}`")
+    elif not c.gate_passed:
+        lines.append("- not released: the candidate stays a failed challenger; the champion is unchanged")
+    lines += ["", "| rule | value | threshold | passed | worst task |", "|---|---|---|---|---|"]
+    for rule in gate.get("rules", []):
+        lines.append(f"| {rule['name']} | {rule['value']:.4f} | {rule['comparison']} {rule['threshold']:g} "
+                     f"| {'yes' if rule['passed'] else 'NO'} | {rule.get('worst_task') or ''} |")
+    for skipped in gate.get("skipped", []):
+        lines.append(f"| {skipped} | | | skipped | |")
+    return "\n".join(lines)
+
+
+def publish_reports(params: Params, report: pipeline.LoopReport) -> None:
+    """Prefect artifacts of this run: datasets, specialists, and the gate report with MLflow links."""
+    create_table_artifact(scan_table(report.scan), key="r2m-datasets",
+                          description=f"Datasets under the data root: {report.scan.summary()}")
+    if report.specialists or report.onboarded:
+        create_table_artifact(specialist_table(params, [*report.onboarded, *report.specialists]),
+                              key="r2m-specialists", description="Specialists onboarded in this run, then "
+                              "every accepted specialist merged")
+    if report.candidate is None:
+        create_markdown_artifact("# No candidate\n\nNo accepted specialist yet: nothing to merge.",
+                                 key="r2m-gate-report", description="Gate report")
+        return
+    client = mlflow_store.client(params)
+    gate = gate_report_of(client, report.candidate.run_id)
+    run_url = mlflow_run_url(params, client, report.candidate.run_id)
+    create_markdown_artifact(gate_markdown(params, report, gate, run_url), key="r2m-gate-report",
+                             description=f"Gate report of r2m-detector v{report.candidate.version}")
+    create_table_artifact(
+        [{"rule": r["name"], "value": round(r["value"], 4), "threshold": f"{r['comparison']} {r['threshold']:g}",
+          "passed": r["passed"], "worst_task": r.get("worst_task") or ""} for r in gate.get("rules", [])],
+        key="r2m-gate-rules", description=f"Gate rules of r2m-detector v{report.candidate.version} ({run_url})",
+    )

@@ -1,0 +1,185 @@
+"""Step 4 of the loop: re-merge all accepted specialists, evaluate, gate, register the candidate.
+
+The candidate is R²M (`merge.method`), its hyperparameters chosen on the seen datasets'
+*validation* splits only (never on unseen sets); the baselines (`merge.baselines`) and, when
+enabled, the All-in-one model are scored beside it for comparison in the same MLflow run. The
+candidate is registered as a version of `r2m-detector` whatever the verdict: a failed one is
+tagged `gate=failed` with the reason and never touches `champion`.
+
+Idempotent: a candidate is keyed by its specialists' versions and the merge settings; when a
+detector version with that key exists, nothing is merged or registered again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from r2m.checkpoint import file_sha256, read_meta
+from r2m.config import Params
+from r2m.data import GeneratorDataset
+from r2m.evaluation.gate import GateReport, check_gate
+from r2m.evaluation.protocol import summarize
+from r2m.evaluation.scoring import evaluate_models
+from r2m.pipeline.validation import ValidationScorer
+from r2m.merging import select
+from r2m.merging.files import merge_files
+from r2m.pipeline.specialists import Specialist
+from r2m.tracking import registry, runs
+
+CANDIDATE_KEY = "candidate_key"
+CHAMPION_MODEL = "champion"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str
+    version: str
+    method: str
+    hparams: dict
+    path: Path
+    sha256: str
+    gate_passed: bool
+    gate_reason: str
+    run_id: str
+    reused: bool = False
+
+
+def candidate_key(specialists: Sequence[Specialist], params: Params) -> str:
+    doc = {
+        "specialists": sorted((s.generator, s.version, s.data_hash) for s in specialists),
+        "merge": params.merge.model_dump(mode="json"),
+        "gate": params.gate.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def find_candidate(client, tag: str, value: str):
+    """The newest detector version with `tag` = `value`, if any."""
+    try:
+        found = client.search_model_versions(f"name='{registry.DETECTOR}' and tags.`{tag}` = '{value}'")
+    except Exception:
+        return None
+    return max(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def _from_version(mv, reused: bool) -> Candidate:
+    tags = mv.tags
+    return Candidate(
+        key=tags.get(CANDIDATE_KEY, ""), version=str(mv.version), method=tags.get("method", ""),
+        hparams=json.loads(tags.get("hparams", "{}")), path=Path(tags.get("local_path", "")),
+        sha256=tags.get("sha256", ""), gate_passed=tags.get("gate") == "passed",
+        gate_reason=tags.get("gate_reason", ""), run_id=mv.run_id or "", reused=reused,
+    )
+
+
+def champion_checkpoint(client) -> Path | None:
+    """The local merged checkpoint of the current champion, if there is one."""
+    version = registry.alias_version(client, registry.CHAMPION)
+    if version is None:
+        return None
+    path = Path(registry.get_version(client, version).tags.get("local_path", ""))
+    return path if path.is_file() else None
+
+
+def configured_hparams(method: str, params: Params) -> dict:
+    """The hyperparameters params.yaml fixes for `method` (R²M: α, r, core, η form)."""
+    cfg = params.merge
+    if method == "r2m":
+        return {"alpha": cfg.alpha, "rank": cfg.rank, "core": cfg.core, "eta_mode": cfg.eta}
+    return {}
+
+
+def choose_hparams(method: str, params: Params, pretrained: Path, paths: Sequence[Path],
+                   scorer: ValidationScorer) -> tuple[dict, list[dict]]:
+    """Grid search on seen validation splits (R²M: α × r from params.yaml; baselines: the paper's grids)."""
+    grid = {"alpha": params.merge.alpha_grid, "rank": params.merge.rank_grid} if method == "r2m" else None
+    fixed = {k: v for k, v in configured_hparams(method, params).items() if k not in ("alpha", "rank")}
+    selection = select(method, pretrained, paths, scorer, grid=grid, fixed=fixed)
+    return selection.best_hparams, selection.table
+
+
+def merge_methods(params: Params, pretrained: Path, paths: Sequence[Path], seen: Sequence[GeneratorDataset],
+                  folder: Path) -> tuple[dict[str, Path], dict[str, list[dict]]]:
+    """`merge.method` then every baseline of `merge.baselines`, written to `folder/<method>.safetensors`;
+    hyperparameters chosen on the seen validation splits when `merge.select` (else params.yaml's).
+    Returns the files and, per method, the selection table."""
+    methods = [params.merge.method, *(b for b in params.merge.baselines if b != params.merge.method)]
+    scorer = ValidationScorer(params, seen) if params.merge.select else None
+    merged, selection = {}, {}
+    for name in methods:
+        hparams = configured_hparams(name, params)
+        if scorer is not None:
+            hparams, selection[name] = choose_hparams(name, params, pretrained, paths, scorer)
+        merged[name] = folder / f"{name}.safetensors"
+        merge_files(name, pretrained, paths, merged[name], hparams)
+    return merged, selection
+
+
+def remerge(
+    params: Params,
+    client,
+    pretrained: Path,
+    specialists: Sequence[Specialist],
+    seen: Sequence[GeneratorDataset],
+    unseen: Sequence[GeneratorDataset],
+    *,
+    all_in_one: Path | None = None,
+    progress: bool = True,
+) -> Candidate | None:
+    """Merge, evaluate, gate and register a candidate over `specialists` (None without any)."""
+    if not specialists:
+        return None
+    key = candidate_key(specialists, params)
+    existing = find_candidate(client, CANDIDATE_KEY, key)
+    if existing is not None:  # the key is the last tag written: this candidate is complete
+        return _from_version(existing, reused=True)
+
+    folder = params.path("artifacts") / "candidates" / key[:16]
+    paths = [s.path for s in specialists]
+    # the seen tasks are those of the merged specialists: a rejected specialist's data (maybe
+    # poisoned) neither chooses hyperparameters nor judges the candidate
+    seen = [d for d in seen if d.name in {s.generator for s in specialists}]
+    method = params.merge.method
+    merged, selection = merge_methods(params, pretrained, paths, seen, folder)
+
+    models = {f"specialist-{s.generator}": s.path for s in specialists}
+    models.update({m: path for m, path in merged.items()})
+    kinds = {}
+    if all_in_one is not None:
+        models["all-in-one"] = all_in_one
+    champion = champion_checkpoint(client)
+    if champion is not None:
+        models[CHAMPION_MODEL] = champion
+        kinds[CHAMPION_MODEL] = "champion"
+    evaluation = evaluate_models(models, [*seen, *unseen], params, kinds=kinds, progress=progress)
+    summary = summarize(evaluation, method, specialists=[f"specialist-{s.generator}" for s in specialists],
+                        champion=CHAMPION_MODEL if champion is not None else None)
+    gate: GateReport = check_gate(summary, params.gate)
+
+    candidate_path = merged[method]
+    meta = read_meta(candidate_path)
+    run_id = runs.log_merge_run(
+        params, evaluation, summary, gate_report=gate, checkpoint=candidate_path,
+        methods=[m for m in models if not m.startswith("specialist-") and m != CHAMPION_MODEL],
+        merge_params={"method": method, **(meta.get("hparams") or {}),
+                      "selected_on": "seen validation" if selection else "params.yaml",
+                      "baselines": {b: read_meta(p).get("hparams") for b, p in merged.items() if b != method}},
+        tags={CANDIDATE_KEY: key}, mlflow_client=client,
+    )
+    lineage = {s.generator: {"version": s.version, "data_hash": s.data_hash} for s in specialists}
+    # merging is deterministic: a version registered before a crash carries the same sha256
+    mv = find_candidate(client, "sha256", meta["sha256"]) or registry.register_candidate(client, run_id, gate_passed=gate.passed, gate_reason=gate.reason,
+                                                 meta=meta, specialists=lineage)
+    for tag, value in {
+        "local_path": str(candidate_path.resolve()),
+        "hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True),
+        "gate": "passed" if gate.passed else "failed",
+        "gate_reason": gate.reason[:4000],
+        CANDIDATE_KEY: key,  # last: marks the candidate complete
+    }.items():
+        client.set_model_version_tag(registry.DETECTOR, str(mv.version), tag, value)
+    return _from_version(client.get_model_version(registry.DETECTOR, str(mv.version)), reused=False)

@@ -1,0 +1,151 @@
+"""Steps 2-3 of the loop: fine-tune one specialist per new generator, check it, register it.
+
+A specialist is identified by (generator, data hash, θ0 hash, recipe hash), recorded as tags
+on its version of the registered model `specialist-<generator>`. Onboarding is idempotent: a
+version with the same identity is reused; a checkpoint already trained (crash before
+registration) is registered without training again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from r2m.checkpoint import file_sha256, read_meta
+from r2m.config import Params
+from r2m.data import GeneratorDataset
+from r2m.pipeline.safety import SpecialistCheck, check_specialist
+from r2m.tracking import mlflow_store, registry, runs
+from r2m.training.specialist import initial_head, recipe, train_specialist
+
+ACCEPTED, REJECTED = "accepted", "rejected"
+
+
+@dataclass(frozen=True)
+class Specialist:
+    generator: str
+    version: str
+    path: Path
+    data_hash: str
+    val_auc: float
+    status: str
+    reason: str
+
+
+def identity(dataset: GeneratorDataset, params: Params, theta0_sha256: str) -> dict:
+    """What makes two specialists the same: data content, θ0 and recipe (tags set at registration)."""
+    return {"data_hash": dataset.data_hash, "theta0_sha256": theta0_sha256, "recipe": recipe(params)}
+
+
+def _identity_of(mv) -> dict:
+    tags = mv.tags
+    try:
+        recipe_tag = json.loads(tags.get("recipe", "null"))
+    except json.JSONDecodeError:
+        recipe_tag = None
+    return {"data_hash": tags.get("data_hash"), "theta0_sha256": tags.get("theta0_sha256"), "recipe": recipe_tag}
+
+
+def checkpoint_path(dataset: GeneratorDataset, params: Params) -> Path:
+    return params.path("artifacts") / "specialists" / f"{dataset.name}-{dataset.data_hash[:12]}.safetensors"
+
+
+def _from_version(mv) -> Specialist:
+    tags = mv.tags
+    return Specialist(
+        generator=tags.get("generator", ""),
+        version=str(mv.version),
+        path=Path(tags.get("local_path", "")),
+        data_hash=tags.get("data_hash", ""),
+        val_auc=float(tags.get("val_auc", "nan")),
+        status=tags.get("status", ""),
+        reason=tags.get("status_reason", ""),
+    )
+
+
+def _versions(client, generator: str) -> list:
+    name = registry.specialist_model_name(generator)
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # the registered model does not exist yet
+        return []
+    return sorted(versions, key=lambda mv: int(mv.version))
+
+
+def find_version(client, generator: str, ident: dict):
+    """The registered version with this identity, if any."""
+    return next((mv for mv in _versions(client, generator) if _identity_of(mv) == ident), None)
+
+
+def is_onboarded(client, dataset: GeneratorDataset, params: Params, theta0_sha256: str) -> bool:
+    """True once this content has a specialist version with a decided status."""
+    mv = find_version(client, dataset.name, identity(dataset, params, theta0_sha256))
+    return mv is not None and mv.tags.get("status") in (ACCEPTED, REJECTED)
+
+
+def registered_specialists(params: Params, generators: Sequence[str], client=None) -> list[Specialist]:
+    """The newest accepted specialist of each generator in `generators` (registry order)."""
+    client = client or mlflow_store.client(params)
+    found = []
+    for generator in generators:
+        accepted = [mv for mv in _versions(client, generator) if mv.tags.get("status") == ACCEPTED]
+        if accepted:
+            found.append(_from_version(accepted[-1]))
+    return found
+
+
+def onboard_specialist(
+    dataset: GeneratorDataset,
+    params: Params,
+    *,
+    pretrained: Path,
+    accepted: Sequence[Specialist] = (),
+    progress: bool = True,
+    client=None,
+) -> tuple[Specialist, SpecialistCheck | None]:
+    """Train (unless already trained), check and register the specialist of `dataset`.
+
+    `accepted` are the specialists accepted so far (the reference for the outlier check); the
+    very first specialist has none and sets the reference.
+    """
+    client = client or mlflow_store.client(params)
+    theta0 = file_sha256(pretrained)
+    ident = identity(dataset, params, theta0)
+    mv = find_version(client, dataset.name, ident)
+    if mv is not None and mv.tags.get("status") in (ACCEPTED, REJECTED):
+        return _from_version(mv), None
+
+    path = checkpoint_path(dataset, params)
+    meta = read_meta(path) if path.is_file() else {}
+    if not (meta.get("sha256") == (file_sha256(path) if path.is_file() else None)
+            and meta.get("data_hash") == dataset.data_hash and meta.get("theta0_sha256") == theta0
+            and meta.get("recipe") == recipe(params)):
+        train_specialist([dataset], params, path, pretrained=pretrained, name=dataset.name, progress=progress)
+        meta = read_meta(path)
+
+    references = [s.path for s in accepted if s.generator != dataset.name]
+    check = check_specialist(
+        dataset.name, path, float(meta["metrics"]["val_auc"]), references,
+        pretrained=pretrained, initial=initial_head(params),
+        min_val_auc=params.flow.min_specialist_val_auc, outlier_cosine=params.flow.outlier_cosine,
+    )
+    if mv is None:  # a crash after registration but before the status leaves mv without status
+        run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client, extra_metrics={
+            "check/head_cosine": check.head_cosine, "check/task_vector_cosine": check.task_vector_cosine,
+        })
+        client.set_tag(run_id, "status", ACCEPTED if check.accepted else REJECTED)
+        mv = registry.register_specialist(client, run_id, meta)
+    name = registry.specialist_model_name(dataset.name)
+    for key, value in {
+        "local_path": str(path.resolve()),
+        "val_auc": f"{check.val_auc:.6f}",
+        "family": dataset.family,
+        "domain": dataset.domain,
+        "status_reason": check.reason,
+    }.items():
+        client.set_model_version_tag(name, str(mv.version), key, value)
+    status = ACCEPTED if check.accepted else REJECTED
+    client.set_model_version_tag(name, str(mv.version), "status", status)  # last: marks it complete
+    return _from_version(client.get_model_version(name, str(mv.version))), check

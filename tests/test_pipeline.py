@@ -1,0 +1,205 @@
+"""The continual loop end to end (no Prefect): real MLflow SQLite store, real ONNX export,
+tiny backbone and tiny datasets."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from fixtures import make_generator_dataset, seed_mlflow_store
+
+from r2m.config import load_params
+from r2m.export.publish import list_versions
+from r2m.pipeline import run_once
+from r2m.tracking import mlflow_store, registry
+
+LOOP = {
+    "model": {"name": "r2m-tiny", "lr": 3e-4},
+    "train": {"epochs": 2, "batch_size": 16},
+    "flow": {"all_in_one": False, "min_specialist_val_auc": 0.6},
+    "merge": {"select": False},
+    "export": {"int8": False, "parity_samples": 16, "exporter": "torchscript"},
+    # these tests are about the loop's mechanics; the gate's rules have their own tests
+    "gate": {"max_drop": 1.0, "min_gain_macro": -1.0, "max_regression": 1.0, "min_auc": 0.0},
+}
+
+
+def loop_params(project, **overrides):
+    return load_params(root=project, **{**LOOP, **overrides})
+
+
+def add(root, name, **kw):
+    kw.setdefault("n_per_class", 32)
+    kw.setdefault("groups", 8)
+    return make_generator_dataset(root, name, **kw)
+
+
+def versions(client, model):
+    try:
+        return sorted(int(mv.version) for mv in client.search_model_versions(f"name='{model}'"))
+    except Exception:
+        return []
+
+
+def state(params):
+    """What a run leaves behind that must converge: registry versions, aliases, published versions."""
+    client = mlflow_store.client(params)
+    models = {rm.name: versions(client, rm.name) for rm in client.search_registered_models()}
+    return {
+        "models": models,
+        "champion": registry.alias_version(client, registry.CHAMPION),
+        "published": list_versions(params.path("model_repository")),
+    }
+
+
+def make_data(root):
+    add(root, "sq-ff", family="FS", seed=1)
+    add(root, "sq2-ff", family="FR", seed=2)
+    add(root, "sq-un", role="unseen", family="other", seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """θ0 and the two first specialists, trained once for the module (training is deterministic,
+    so the loop recognises them by data hash, θ0 and recipe and does not train them again)."""
+    from r2m.models import ensure_pretrained
+    from r2m.pipeline.specialists import checkpoint_path
+    from r2m.training import train_specialist
+    from r2m.data import validate_dataset
+
+    project = tmp_path_factory.mktemp("trained")
+    root = make_data(project / "data" / "generators")
+    params = loop_params(project)
+    pretrained = ensure_pretrained(params)
+    for name in ("sq-ff", "sq2-ff"):
+        dataset = validate_dataset(root / name, root, params.data)
+        train_specialist([dataset], params, checkpoint_path(dataset, params), pretrained=pretrained,
+                         name=name, progress=False)
+    return project / "artifacts"
+
+
+@pytest.fixture
+def data_root(project, trained):
+    shutil.copytree(trained, project / "artifacts")
+    seed_mlflow_store(project)
+    return make_data(project / "data" / "generators")
+
+
+def test_first_onboarding_then_nothing_new_then_one_new(project, data_root):
+    params = loop_params(project, flow={**LOOP["flow"], "all_in_one": True})
+    first = run_once(params, progress=False)
+    (all_in_one,) = (project / "artifacts" / "all-in-one").glob("*.safetensors")
+    trained_at = all_in_one.stat().st_mtime_ns
+    assert [s.generator for s in first.onboarded] == ["sq-ff", "sq2-ff"]
+    assert first.candidate is not None and first.candidate.gate_passed, first.candidate
+    assert first.release is not None and first.release.published.is_file()
+    after_first = state(params)
+    assert after_first["champion"] == first.candidate.version
+    assert after_first["published"] == [1]
+    assert after_first["models"]["specialist-sq-ff"] == [1]
+
+    again = run_once(params, progress=False)
+    assert again.onboarded == [] and again.release is None and again.candidate.reused
+    assert state(params) == after_first  # nothing trained, registered or published
+    assert all_in_one.stat().st_mtime_ns == trained_at  # the All-in-one baseline is reused too
+
+    add(data_root, "sq3-ff", family="EFS", seed=4)
+    third = run_once(params, progress=False)
+    assert [s.generator for s in third.onboarded] == ["sq3-ff"]  # exactly one new specialist
+    end = state(params)
+    assert end["models"]["specialist-sq3-ff"] == [1]
+    assert end["models"]["specialist-sq-ff"] == [1]  # the others were not retrained
+    assert len(end["models"]["r2m-detector"]) == 2
+    assert end["champion"] == third.candidate.version and end["published"] == [1, 2]
+
+
+def test_failed_gate_registers_failed_challenger_and_keeps_champion(project, data_root):
+    params = loop_params(project)
+    first = run_once(params, progress=False)
+    before = state(params)
+    add(data_root, "sq3-ff", family="EFS", seed=4)
+    strict = loop_params(project, gate={"max_drop": 1.0, "min_gain_macro": -1.0, "max_regression": 1.0, "min_auc": 1.01})
+    report = run_once(strict, progress=False)
+    assert report.candidate is not None and not report.candidate.gate_passed
+    assert "min_auc" in report.candidate.gate_reason
+    client = mlflow_store.client(strict)
+    failed = registry.get_version(client, report.candidate.version)
+    assert failed.tags["gate"] == "failed" and "min_auc" in failed.tags["gate_reason"]
+    after = state(strict)
+    assert after["champion"] == before["champion"] == first.candidate.version
+    assert after["published"] == before["published"] == [1]
+
+
+def test_bad_dataset_quarantined_and_loop_goes_on(project, data_root):
+    bad = add(data_root, "broken-ff", seed=5)
+    (bad / "fake" / "broken-ff-src0__000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    params = loop_params(project)
+    report = run_once(params, progress=False)
+    assert [r.path.name for r in report.scan.rejected] == ["broken-ff"]
+    assert "broken-ff-src0__000.png" in report.scan.rejected[0].reason
+    assert not bad.exists()
+    quarantined = list((project / "data" / "quarantine").glob("broken-ff-*"))
+    assert len(quarantined) == 1 and (quarantined[0] / "REASON.txt").is_file()
+    assert {s.generator for s in report.onboarded} == {"sq-ff", "sq2-ff"}
+    assert report.champion is not None
+
+
+def test_poisoned_specialist_rejected_and_champion_unchanged(project, data_root):
+    params = loop_params(project)
+    first = run_once(params, progress=False)
+    before = state(params)
+    # label-flipped: the artifact is in real/, clean images in fake/
+    poisoned = add(data_root, "flip-ff", artifact="square", seed=6)
+    shutil.move(poisoned / "real", poisoned / "tmp")
+    shutil.move(poisoned / "fake", poisoned / "real")
+    shutil.move(poisoned / "tmp", poisoned / "fake")
+    report = run_once(params, progress=False)
+    (flip,) = report.onboarded
+    assert flip.generator == "flip-ff" and flip.status == "rejected"
+    assert "outlier" in flip.reason
+    assert report.release is None
+    after = state(params)
+    assert after["champion"] == before["champion"] == first.candidate.version
+    assert after["published"] == before["published"]
+    assert after["models"]["r2m-detector"] == before["models"]["r2m-detector"]  # same specialists: no new candidate
+
+
+@pytest.mark.parametrize("stage", ["train", "merge", "export", "promote", "publish"])
+def test_crash_at_any_stage_then_rerun_converges(project, data_root, monkeypatch, stage):
+    if stage == "train":  # start without the cached specialists so that training really runs
+        shutil.rmtree(project / "artifacts" / "specialists")
+    import r2m.pipeline.candidate as candidate
+    import r2m.pipeline.promotion as rel
+    import r2m.pipeline.specialists as specialists
+
+    targets = {
+        "train": (specialists, "train_specialist"),
+        "merge": (candidate, "merge_files"),
+        "export": (rel, "export_checkpoint"),
+        "promote": (rel.registry, "promote"),
+        "publish": (rel, "publish"),
+    }
+    module, name = targets[stage]
+    original = getattr(module, name)
+    calls = {"n": 0}
+
+    def crash_after_first(*args, **kwargs):
+        calls["n"] += 1
+        result = original(*args, **kwargs)
+        if calls["n"] == 1:
+            raise KeyboardInterrupt(f"killed during {stage}")  # like a kill: not an ordinary error
+        return result
+
+    monkeypatch.setattr(module, name, crash_after_first)
+    params = loop_params(project)
+    with pytest.raises(KeyboardInterrupt):
+        run_once(params, progress=False)
+    monkeypatch.setattr(module, name, original)
+    report = run_once(params, progress=False)
+    end = state(params)
+    assert end["models"]["specialist-sq-ff"] == [1] and end["models"]["specialist-sq2-ff"] == [1]
+    assert end["models"]["r2m-detector"] == [1]  # no duplicate candidate
+    assert end["champion"] == report.candidate.version == "1"
+    assert end["published"] == [1]  # published once, whole
+    assert not list(params.path("model_repository").rglob(".publish-*"))
