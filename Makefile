@@ -8,7 +8,7 @@ VENV   ?= .venv
 ORT    ?= cpu
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test demo-data clean-run
+.PHONY: setup run test demo-data schedule repro mlflow-ui clean-run
 
 setup: $(VENV)/.installed
 
@@ -18,14 +18,28 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e '.[$(ORT),dev]'
 	touch $@
 
+# the embedded benchmark, built once (delete data/generators to rebuild it)
 demo-data: setup
-	$(BIN)/r2m demo-data --out data/generators
+	@if [ -d data/generators ]; then echo "data/generators exists: keeping it"; \
+	else $(BIN)/r2m demo-data --out data/generators; fi
 
 run: demo-data
 	$(BIN)/r2m run
+
+# a local Prefect server + the watcher deployment on the schedule of params.yaml (UI: http://127.0.0.1:4200)
+schedule: setup
+	$(BIN)/python -m flows.serve
+
+# the same stages as a DVC pipeline (needs the embedded benchmark or your data under data/generators)
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# browse runs, tables, plots and the registry (UI: http://127.0.0.1:5000)
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
 
 test: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest
 
 clean-run:
-	rm -rf artifacts mlruns mlflow.db mlartifacts reports deploy/model_repository/r2m_detector
+	rm -rf artifacts mlruns mlflow.db mlartifacts reports dvc_plots .prefect deploy/model_repository/r2m_detector

@@ -307,8 +307,10 @@ def inp_smooth_fill(img: Image, rng: np.random.Generator, s: float) -> Image:
     hole = soft_mask((h, w), rng, feather=0.5)[..., 0] > 0.5
     hole = ndimage.binary_erosion(hole, iterations=int(rng.integers(2, 5)))
     keep = (~hole).astype(np.float32)[..., None]
-    sig = rng.uniform(2.5, 4.0) * h / 64
-    fill = blur(img * keep, sig) / np.maximum(blur(np.broadcast_to(keep, img.shape).copy(), sig), 1e-3)
+    # the smoothing reaches past the hole's centre, so every hole pixel has known pixels to average
+    sig = max(rng.uniform(2.5, 4.0) * h / 64, float(ndimage.distance_transform_edt(hole).max()))
+    weight = blur(np.broadcast_to(keep, img.shape).copy(), sig)
+    fill = blur(img * keep, sig) / np.maximum(weight, 1e-2)
     residual_sd = float((img - blur(img, 1.0)).std())
     fill = fill + rng.standard_normal(img.shape).astype(np.float32) * residual_sd * rng.uniform(0.6, 1.0)
     fill = _upsampling_fingerprint(fill.astype(np.float32), rng, s, 8, "tconv", seed=9)  # the inpainting net's decoder
