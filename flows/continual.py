@@ -107,11 +107,13 @@ def accepted_specialists(params: Params, generators: Sequence[str]) -> list[pipe
 
 @task(name="onboard-specialist", task_run_name="onboard-{dataset.name}", cache_policy=NO_CACHE)
 def onboard_generator(
-    dataset: GeneratorDataset, params: Params, pretrained: Path, accepted: Sequence[pipeline.Specialist]
+    dataset: GeneratorDataset, params: Params, pretrained: Path, accepted: Sequence[pipeline.Specialist],
+    seen: Sequence[GeneratorDataset],
 ) -> tuple[pipeline.Specialist, SpecialistCheck | None]:
-    """Fine-tune, check (own val AUC, outlier task vector) and register one specialist."""
+    """Fine-tune, check (own val AUC, agreement with trusted real images) and register one specialist."""
     with compute_slot():
-        return pipeline.onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted)
+        return pipeline.onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted,
+                                           datasets=seen)
 
 
 @task(name="all-in-one", task_run_name="all-in-one", cache_policy=NO_CACHE)
@@ -167,7 +169,8 @@ def onboard_and_release(params: Params, pretrained: Path, found: pipeline.Scan,
     seen_names = [d.name for d in found.seen]
     accepted = accepted_specialists(params, seen_names)
     for dataset in datasets:
-        specialist, check = onboard_generator.with_options(**retrying)(dataset, params, pretrained, accepted)
+        specialist, check = onboard_generator.with_options(**retrying)(dataset, params, pretrained, accepted,
+                                                                       found.seen)
         report.onboarded.append(specialist)
         if check is not None:
             report.checks.append(check)

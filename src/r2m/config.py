@@ -132,6 +132,7 @@ class MergeConfig(Section):
     select: bool = True  # choose α × r on seen validation splits
     alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6)
     rank_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
+    core_grid: tuple[Literal["centered", "uncentered"], ...] = ("centered", "uncentered")
     baselines: tuple[str, ...] = ("wa", "ta", "ties", "cart")
 
 
@@ -178,8 +179,8 @@ class FlowConfig(Section):
     schedule_interval_s: int = 600
     retries: int = 2
     retry_delay_s: int = 10
-    min_specialist_val_auc: float = 0.7
-    outlier_cosine: float = 0.0  # a specialist whose fake direction has lower cosine with the accepted ones' is rejected
+    min_specialist_val_auc: float = 0.6
+    max_real_disagreement: float = 0.8  # AUC above which a specialist calls trusted reals fake: poisoned
     all_in_one: bool = True  # train and score the All-in-one baseline beside the merges
     compute_slots: int = Field(1, ge=1)  # heavy steps (training, re-merge, export) at once across flow runs
 

@@ -95,9 +95,11 @@ def configured_hparams(method: str, params: Params) -> dict:
 
 def choose_hparams(method: str, params: Params, pretrained: Path, paths: Sequence[Path],
                    scorer: ValidationScorer) -> tuple[dict, list[dict]]:
-    """Grid search on seen validation splits (R²M: α × r from params.yaml; baselines: the paper's grids)."""
-    grid = {"alpha": params.merge.alpha_grid, "rank": params.merge.rank_grid} if method == "r2m" else None
-    fixed = {k: v for k, v in configured_hparams(method, params).items() if k not in ("alpha", "rank")}
+    """Grid search on seen validation splits (R²M: α × r × core from params.yaml; baselines: the paper's grids)."""
+    grid = None
+    if method == "r2m":
+        grid = {"alpha": params.merge.alpha_grid, "rank": params.merge.rank_grid, "core": params.merge.core_grid}
+    fixed = {k: v for k, v in configured_hparams(method, params).items() if k not in (grid or {})}
     selection = select(method, pretrained, paths, scorer, grid=grid, fixed=fixed)
     return selection.best_hparams, selection.table
 

@@ -89,7 +89,7 @@ def run_once(params: Params, *, progress: bool = True) -> LoopReport:
     accepted = registered_specialists(params, seen_names, client)
     for dataset in found.to_onboard:
         specialist, check = onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted,
-                                               progress=progress, client=client)
+                                               datasets=found.seen, progress=progress, client=client)
         report.onboarded.append(specialist)
         if check is not None:
             report.checks.append(check)

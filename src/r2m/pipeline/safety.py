@@ -1,13 +1,16 @@
 """A specialist's own checks before it may be merged.
 
 - its validation AUC on its own dataset must reach `flow.min_specialist_val_auc`;
-- its "fake direction" must agree with the other specialists'. Every specialist shares θ0 and
-  the head's seeded initialisation, so honest specialists move the head's fake-minus-real row
-  w = W[1] − W[0] the same broad way; a label-flipped (poisoned) specialist moves it the
-  opposite way. We compare the change of w_i with the mean change of the specialists already
-  accepted by cosine; below `flow.outlier_cosine` it is an outlier. The backbone task
-  vector's cosine is reported beside it. (The very first specialist has nothing to be
-  compared with and sets the reference.)
+- it must agree with trusted data about what *real* looks like. A label-flipped (poisoned)
+  dataset teaches its specialist that its fakes are real and its reals are fake; its own
+  validation AUC looks perfect because the validation labels are flipped too. So we score the
+  specialist on two sets of images it calls "real": the real validation images of the datasets
+  whose specialists were already accepted (trusted; same domain when there are any), and the
+  real validation images of its own dataset. An honest specialist scores both alike (AUC near
+  0.5); a flipped one finds the trusted reals far more fake than its own "reals" (AUC near 1).
+  Above `flow.max_real_disagreement` it is rejected. The very first specialist has nothing
+  trusted to be compared with.
+The backbone task vector's cosine with the accepted ones' mean is logged beside it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
 
 from r2m.checkpoint import BACKBONE_PREFIX
+from r2m.config import Params
+from r2m.data import REAL, GeneratorDataset, ImageDataset, Sample, build_transform
+from r2m.models.detector import image_size, load_detector, pick_device
 
 
 @dataclass(frozen=True)
@@ -28,16 +37,8 @@ class SpecialistCheck:
     accepted: bool
     reason: str
     val_auc: float
-    head_cosine: float | None = None
+    real_disagreement: float | None = None
     task_vector_cosine: float | None = None
-
-
-def fake_direction(path: Path | str, initial: torch.nn.Linear) -> torch.Tensor:
-    """What training added to the head's fake-minus-real row: (W[1] − W[0]) − (W⁰[1] − W⁰[0])."""
-    with safe_open(str(path), framework="pt") as f:
-        weight = f.get_tensor("head.weight").double()
-    start = initial.weight.detach().double()
-    return (weight[1] - weight[0]) - (start[1] - start[0])
 
 
 def task_vector_cosine(pretrained: Path | str, specialist: Path | str, references: Sequence[Path | str]) -> float | None:
@@ -59,29 +60,52 @@ def task_vector_cosine(pretrained: Path | str, specialist: Path | str, reference
     return dot / ((norm_i * norm_ref) ** 0.5 + 1e-12)
 
 
+def real_val_images(dataset: GeneratorDataset) -> list[Sample]:
+    return [s for s in dataset.split("val") if s.label == REAL]
+
+
+@torch.no_grad()
+def fake_scores(path: Path, samples: Sequence[Sample], params: Params) -> np.ndarray:
+    device = pick_device()
+    detector = load_detector(path, device=device)
+    transform = build_transform(False, image_size(params.model.name), params.train)
+    loader = DataLoader(ImageDataset(list(samples), transform), batch_size=64)
+    return torch.cat([torch.softmax(detector(x.to(device)).float(), 1)[:, 1].cpu() for x, _ in loader]).numpy()
+
+
+def real_disagreement(path: Path, dataset: GeneratorDataset, trusted: Sequence[GeneratorDataset],
+                      params: Params) -> float | None:
+    """AUC of 'trusted real images are more fake than my own real images' under this specialist."""
+    same_domain = [d for d in trusted if d.domain == dataset.domain] or list(trusted)
+    trusted_reals = [s for d in same_domain for s in real_val_images(d)]
+    own_reals = real_val_images(dataset)
+    if not trusted_reals or not own_reals:
+        return None
+    scores = fake_scores(path, [*trusted_reals, *own_reals], params)
+    labels = np.r_[np.ones(len(trusted_reals)), np.zeros(len(own_reals))]
+    return float(roc_auc_score(labels, scores))
+
+
 def check_specialist(
-    name: str,
+    dataset: GeneratorDataset,
     path: Path,
     val_auc: float,
-    references: Sequence[Path],
+    trusted: Sequence[tuple[GeneratorDataset, Path]],
     *,
     pretrained: Path,
-    initial: torch.nn.Linear,
-    min_val_auc: float,
-    outlier_cosine: float,
+    params: Params,
 ) -> SpecialistCheck:
-    """Accept or reject one specialist against `references` (the specialists already accepted;
-    none for the very first, which sets the direction), with the reason named."""
-    head_cos = None
-    if references:
-        mean = torch.stack([fake_direction(r, initial) for r in references]).mean(0)
-        head_cos = float(torch.nn.functional.cosine_similarity(fake_direction(path, initial), mean, dim=0))
-    tv_cos = task_vector_cosine(pretrained, path, references)
-    if not val_auc >= min_val_auc:
-        return SpecialistCheck(name, False, f"validation AUC {val_auc:.4f} < flow.min_specialist_val_auc {min_val_auc}",
-                               val_auc, head_cos, tv_cos)
-    if head_cos is not None and head_cos < outlier_cosine:
-        reason = (f"outlier: its fake direction has cosine {head_cos:.3f} with the accepted specialists' "
-                  f"(< flow.outlier_cosine {outlier_cosine}); label-flipped or poisoned?")
-        return SpecialistCheck(name, False, reason, val_auc, head_cos, tv_cos)
-    return SpecialistCheck(name, True, "ok", val_auc, head_cos, tv_cos)
+    """Accept or reject the specialist of `dataset` against `trusted` (the accepted specialists'
+    datasets and checkpoints; none for the very first), with the reason named."""
+    cfg = params.flow
+    disagreement = real_disagreement(path, dataset, [d for d, _ in trusted], params) if trusted else None
+    tv_cos = task_vector_cosine(pretrained, path, [p for _, p in trusted])
+    if not val_auc >= cfg.min_specialist_val_auc:
+        reason = f"validation AUC {val_auc:.4f} < flow.min_specialist_val_auc {cfg.min_specialist_val_auc}"
+        return SpecialistCheck(dataset.name, False, reason, val_auc, disagreement, tv_cos)
+    if disagreement is not None and disagreement > cfg.max_real_disagreement:
+        reason = (f"outlier: it scores trusted real images as more fake than its own real class "
+                  f"(AUC {disagreement:.3f} > flow.max_real_disagreement {cfg.max_real_disagreement}); "
+                  "label-flipped or poisoned?")
+        return SpecialistCheck(dataset.name, False, reason, val_auc, disagreement, tv_cos)
+    return SpecialistCheck(dataset.name, True, "ok", val_auc, disagreement, tv_cos)

@@ -18,7 +18,7 @@ from r2m.config import Params
 from r2m.data import GeneratorDataset
 from r2m.pipeline.safety import SpecialistCheck, check_specialist
 from r2m.tracking import mlflow_store, registry, runs
-from r2m.training.specialist import initial_head, recipe, train_specialist
+from r2m.training.specialist import recipe, train_specialist
 
 ACCEPTED, REJECTED = "accepted", "rejected"
 
@@ -102,15 +102,18 @@ def onboard_specialist(
     *,
     pretrained: Path,
     accepted: Sequence[Specialist] = (),
+    datasets: Sequence[GeneratorDataset] = (),
     progress: bool = True,
     client=None,
 ) -> tuple[Specialist, SpecialistCheck | None]:
     """Train (unless already trained), check and register the specialist of `dataset`.
 
-    `accepted` are the specialists accepted so far (the reference for the outlier check); the
-    very first specialist has none and sets the reference.
+    `accepted` are the specialists accepted so far and `datasets` the validated seen datasets:
+    the accepted ones' real images are the trusted reference of the outlier check (the very first
+    specialist has none).
     """
     client = client or mlflow_store.client(params)
+    by_name = {d.name: d for d in datasets}
     theta0 = file_sha256(pretrained)
     ident = identity(dataset, params, theta0)
     mv = find_version(client, dataset.name, ident)
@@ -125,15 +128,12 @@ def onboard_specialist(
         train_specialist([dataset], params, path, pretrained=pretrained, name=dataset.name, progress=progress)
         meta = read_meta(path)
 
-    references = [s.path for s in accepted if s.generator != dataset.name]
-    check = check_specialist(
-        dataset.name, path, float(meta["metrics"]["val_auc"]), references,
-        pretrained=pretrained, initial=initial_head(params),
-        min_val_auc=params.flow.min_specialist_val_auc, outlier_cosine=params.flow.outlier_cosine,
-    )
+    trusted = [(by_name[s.generator], s.path) for s in accepted if s.generator != dataset.name and s.generator in by_name]
+    check = check_specialist(dataset, path, float(meta["metrics"]["val_auc"]), trusted,
+                             pretrained=pretrained, params=params)
     if mv is None:  # a crash after registration but before the status leaves mv without status
         run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client, extra_metrics={
-            "check/head_cosine": check.head_cosine, "check/task_vector_cosine": check.task_vector_cosine,
+            "check/real_disagreement": check.real_disagreement, "check/task_vector_cosine": check.task_vector_cosine,
         })
         client.set_tag(run_id, "status", ACCEPTED if check.accepted else REJECTED)
         mv = registry.register_specialist(client, run_id, meta)
