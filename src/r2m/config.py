@@ -39,6 +39,7 @@ class ModelConfig(Section):
     pretrained: str | None = None  # open_clip tag ("openai"), a local weights file, or None
     init_seed: int = 0  # seeds θ0 when `pretrained` is None (the tiny offline backbone)
     lr: float | None = None  # the backbone's own learning rate; None = train.lr
+    head_lr: float | None = None  # the linear head's learning rate; None = the backbone's
 
 
 class PretrainConfig(Section):
@@ -218,6 +219,10 @@ class Params(Section):
     @property
     def backbone_lr(self) -> float:
         return self.model.lr if self.model.lr is not None else self.train.lr
+
+    @property
+    def head_lr(self) -> float:
+        return self.model.head_lr if self.model.head_lr is not None else self.backbone_lr
 
 
 _ENV_PATHS = {

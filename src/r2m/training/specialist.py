@@ -80,6 +80,7 @@ def recipe(params: Params) -> dict:
     return {
         "model": params.model.name,
         "backbone_lr": params.backbone_lr,
+        "head_lr": params.head_lr,
         **params.train.model_dump(mode="json"),
     }
 
@@ -119,7 +120,11 @@ def train_specialist(
     val_loader = _loader(datasets, "val", build_transform(False, size, cfg), params, False)
 
     optimizer = torch.optim.Adam(
-        detector.parameters(), lr=params.backbone_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        [
+            {"params": detector.backbone.parameters(), "lr": params.backbone_lr},
+            {"params": detector.head.parameters(), "lr": params.head_lr},
+        ],
+        betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
     )
     amp = device.type == "cuda" and cfg.mixed_precision
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
