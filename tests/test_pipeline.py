@@ -203,3 +203,19 @@ def test_crash_at_any_stage_then_rerun_converges(project, data_root, monkeypatch
     assert end["champion"] == report.candidate.version == "1"
     assert end["published"] == [1]  # published once, whole
     assert not list(params.path("model_repository").rglob(".publish-*"))
+
+
+def test_validation_scorer_uses_seen_val_only(project, data_root):
+    from r2m.checkpoint import load_checkpoint
+    from r2m.data import validate_dataset
+    from r2m.errors import EvaluationError
+    from r2m.pipeline.validation import ValidationScorer
+
+    params = loop_params(project)
+    seen = [validate_dataset(data_root / n, data_root, params.data) for n in ("sq-ff", "sq2-ff")]
+    unseen = validate_dataset(data_root / "sq-un", data_root, params.data)
+    with pytest.raises(EvaluationError, match="sq-un"):
+        ValidationScorer(params, [*seen, unseen])
+    (specialist,) = (project / "artifacts" / "specialists").glob("sq-ff-*.safetensors")
+    score = ValidationScorer(params, seen)(load_checkpoint(specialist).tensors)
+    assert 0.5 < score <= 1.0  # a trained specialist separates the square artifact on val

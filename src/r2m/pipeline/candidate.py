@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from r2m.checkpoint import file_sha256, read_meta
+from r2m.checkpoint import read_meta
 from r2m.config import Params
 from r2m.data import GeneratorDataset
 from r2m.evaluation.gate import GateReport, check_gate

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from r2m.checkpoint import BACKBONE_PREFIX
 from r2m.config import Params
 from r2m.data import REAL, GeneratorDataset, ImageDataset, Sample, build_transform
+from r2m.evaluation.scoring import score_batches
 from r2m.models.detector import image_size, load_detector, pick_device
 
 
@@ -64,13 +65,12 @@ def real_val_images(dataset: GeneratorDataset) -> list[Sample]:
     return [s for s in dataset.split("val") if s.label == REAL]
 
 
-@torch.no_grad()
 def fake_scores(path: Path, samples: Sequence[Sample], params: Params) -> np.ndarray:
     device = pick_device()
     detector = load_detector(path, device=device)
     transform = build_transform(False, image_size(params.model.name), params.train)
     loader = DataLoader(ImageDataset(list(samples), transform), batch_size=64)
-    return torch.cat([torch.softmax(detector(x.to(device)).float(), 1)[:, 1].cpu() for x, _ in loader]).numpy()
+    return score_batches(detector, (x for x, _ in loader), device)
 
 
 def real_disagreement(path: Path, dataset: GeneratorDataset, trusted: Sequence[GeneratorDataset],

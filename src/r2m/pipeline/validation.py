@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from r2m.config import Params
 from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import EvaluationError
+from r2m.evaluation.scoring import score_batches
 from r2m.models.detector import build_detector, image_size, pick_device
 
 
@@ -36,11 +37,9 @@ class ValidationScorer:
             labels = torch.cat([y for _, y in batches]).numpy()
             self.tasks.append((dataset.name, [x for x, _ in batches], labels))
 
-    @torch.no_grad()
     def __call__(self, state_dict: dict[str, torch.Tensor], hparams: dict | None = None) -> float:
         self.detector.load_checkpoint_tensors(state_dict, source="merged state dict")
         aucs = []
         for _, batches, labels in self.tasks:
-            scores = torch.cat([torch.softmax(self.detector(x.to(self.device)).float(), 1)[:, 1].cpu() for x in batches])
-            aucs.append(roc_auc_score(labels, scores.numpy()))
+            aucs.append(roc_auc_score(labels, score_batches(self.detector, batches, self.device)))
         return float(np.mean(aucs))

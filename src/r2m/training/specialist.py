@@ -53,12 +53,6 @@ def predict_scores(detector: Detector, loader: DataLoader, device: torch.device)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
 
-def initial_head(params: Params) -> torch.nn.Linear:
-    """The head every specialist starts from: seeded by `train.seed`, the same for all of them."""
-    seed_everything(params.train.seed)
-    return build_detector(params.model).head
-
-
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
 
