@@ -34,6 +34,9 @@ def test_proxy_crops_are_real_photos_deterministic_and_in_range():
     assert not torch.equal(a, c)  # every epoch draws fresh crops
     assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
     assert len(set(src_a.tolist())) == 24  # round-robin over the source regions
+    d, src_d = proxy_crops(24 * 12, 64, seed=0, epoch=1, workers=2)  # chunks drawn in parallel
+    e, src_e = proxy_crops(24 * 12, 64, seed=0, epoch=1, workers=1)
+    assert torch.equal(d, e) and torch.equal(src_d, src_e)
 
 
 def test_masking_hides_the_chosen_patches_only():
@@ -69,6 +72,19 @@ def test_pretraining_is_deterministic_learns_and_is_theta0(params):
     changed = with_pretrain(params, TINY.model_copy(update={"epochs": TINY.epochs + 1}))
     with pytest.raises(CheckpointError, match="pretrain"):
         ensure_pretrained(changed, progress=False)
+
+
+def test_forensic_pretraining_trains_the_operation_and_edit_heads(params):
+    cfg = TINY.model_copy(update={"tasks": ("manipulation",), "epochs": 2})
+    p = with_pretrain(params, cfg)
+    result = run_pretraining(p, progress=False)
+    assert {"operation", "edited"} <= set(result.history[0]) and "rotation" not in result.history[0]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+    init = seeded_init(p)
+    moved = [k for k in init if not torch.equal(result.tensors[k], init[k])]
+    assert len(moved) > len(init) // 2
+    again = run_pretraining(p, progress=False)
+    assert all(torch.equal(again.tensors[k], result.tensors[k]) for k in init), "same seed, other θ0"
 
 
 def test_disabled_pretraining_keeps_the_seeded_init_and_enabling_it_is_detected(params):

@@ -51,7 +51,7 @@ class PretrainConfig(Section):
     """
 
     enabled: bool = False
-    tasks: tuple[Literal["rotation", "masked", "source"], ...] = ("rotation", "masked")
+    tasks: tuple[Literal["rotation", "masked", "source", "manipulation"], ...] = ("rotation", "masked")
     n_images: int = Field(2048, ge=1)  # fresh crops of the real-photo pool every epoch
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -59,6 +59,8 @@ class PretrainConfig(Section):
     weight_decay: float = 0.05
     warmup: float = Field(0.1, ge=0, le=1)  # fraction of the steps
     mask_ratio: float = Field(0.5, gt=0, lt=1)  # masked-patch task: fraction of patches hidden
+    local_p: float = Field(0.5, ge=0, le=1)  # manipulation task: share of edits inside a region
+    workers: int = Field(1, ge=1)  # processes drawing the crops (the same crops for any number)
     seed: int = 0
 
 

@@ -16,7 +16,11 @@ Proxy tasks (self-supervised, summed):
 - ``masked``: SimMIM-style masked-patch prediction: a random ``mask_ratio`` of the patches is
   replaced by the image mean and the tower regresses their pixels (L1) from its patch tokens:
   local texture and colour statistics, the low-level features forensics needs;
-- ``source``: classify which source region of the pool a crop comes from (instance discrimination).
+- ``source``: classify which source region of the pool a crop comes from (instance discrimination);
+- ``manipulation``: forensic pretraining (ManTra-Net-style): the crop is left alone or edited by
+  one classic operation (`r2m.models.manipulations`: resampling, affine, blur, sharpen, noise,
+  median, JPEG), globally or inside a soft random region; the tower predicts the operation from
+  its pooled token and, from its patch tokens, how much of each patch was edited.
 
 Deterministic on CPU for a given seed (crops from a numpy stream, torch seeded).
 """
@@ -37,6 +41,7 @@ from tqdm.auto import tqdm
 from r2m.checkpoint import BACKBONE_PREFIX
 from r2m.config import Params
 from r2m.models.detector import build_detector, image_size, pick_device
+from r2m.models.manipulations import OPERATIONS, manipulate
 
 
 @dataclass
@@ -52,18 +57,39 @@ def _sources() -> list:
     return [s for domain in DOMAINS for s in domain_sources(domain)]
 
 
-def proxy_crops(n_images: int, size: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n_images`` random crops of the real-photo pool, [n, 3, size, size] in [0, 1], and the
-    index of each crop's source region. Sources are drawn round-robin in a seeded order."""
+_CHUNK = 256  # crops per independently seeded chunk (chunks are drawn in parallel)
+
+
+def _crop_chunk(args: tuple) -> np.ndarray:
     from r2m.data.demo.sources import sample_crop
 
-    pool = _sources()
-    rng = np.random.default_rng([seed, epoch, zlib.crc32(b"r2m-pretrain")])
-    order = np.concatenate([rng.permutation(len(pool)) for _ in range(math.ceil(n_images / len(pool)))])[:n_images]
-    images = np.empty((n_images, size, size, 3), dtype=np.float32)
+    pool, order, size, seed, epoch, chunk = args
+    rng = np.random.default_rng([seed, epoch, chunk, zlib.crc32(b"r2m-pretrain-crops")])
+    images = np.empty((len(order), size, size, 3), dtype=np.float32)
     for i, idx in enumerate(order):
         crop = sample_crop(pool[idx], rng, size)
         images[i] = crop if crop.shape[2] == 3 else np.repeat(crop, 3, axis=2)
+    return images
+
+
+def proxy_crops(n_images: int, size: int, seed: int, epoch: int, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_images`` random crops of the real-photo pool, [n, 3, size, size] in [0, 1], and the
+    index of each crop's source region. Sources are drawn round-robin in a seeded order; the
+    crops of each chunk of `_CHUNK` come from their own seeded stream, so ``workers`` processes
+    give the same crops as one."""
+    pool = _sources()
+    rng = np.random.default_rng([seed, epoch, zlib.crc32(b"r2m-pretrain")])
+    order = np.concatenate([rng.permutation(len(pool)) for _ in range(math.ceil(n_images / len(pool)))])[:n_images]
+    jobs = [(pool, order[i : i + _CHUNK], size, seed, epoch, i // _CHUNK) for i in range(0, n_images, _CHUNK)]
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as ex:
+            chunks = list(ex.map(_crop_chunk, jobs))
+    else:
+        chunks = [_crop_chunk(job) for job in jobs]
+    images = np.concatenate(chunks)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(order.astype(np.int64))
 
 
@@ -85,6 +111,7 @@ def mask_patches(images: torch.Tensor, patch: int, ratio: float, generator: torc
     mask = torch.zeros(b, gh * gw, dtype=torch.bool)
     mask.scatter_(1, noise.argsort(dim=1)[:, :n_mask], True)
     pixel_mask = mask.reshape(b, 1, gh, 1, gw, 1).expand(b, c, gh, patch, gw, patch).reshape(b, c, h, w)
+    pixel_mask = pixel_mask.to(images.device)
     fill = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
     return torch.where(pixel_mask, fill, images), mask
 
@@ -97,6 +124,8 @@ class ProxyHeads(nn.Module):
         self.rotation = nn.Linear(width, 4) if "rotation" in tasks else None
         self.masked = nn.Linear(width, patch * patch * 3) if "masked" in tasks else None
         self.source = nn.Linear(width, n_sources) if "source" in tasks else None
+        self.operation = nn.Linear(width, len(OPERATIONS)) if "manipulation" in tasks else None
+        self.edited = nn.Linear(width, 1) if "manipulation" in tasks else None
 
 
 def _lr_at(step: int, total: int, base: float, warmup: float) -> float:
@@ -123,8 +152,8 @@ def run_pretraining(params: Params, progress: bool = True) -> PretrainResult:
     torch.manual_seed(cfg.seed)
     heads = ProxyHeads(width, patch, n_sources, cfg.tasks).to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    mean = torch.tensor(params.train.mean).view(1, 3, 1, 1)
-    std = torch.tensor(params.train.std).view(1, 3, 1, 1)
+    mean = torch.tensor(params.train.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(params.train.std, device=device).view(1, 3, 1, 1)
 
     decay = [p for n, p in tower.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in tower.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -147,7 +176,7 @@ def run_pretraining(params: Params, progress: bool = True) -> PretrainResult:
     bar = tqdm(total=total, desc="pretrain θ0", disable=not progress, leave=False)
     try:
         for epoch in range(1, cfg.epochs + 1):
-            images, sources = proxy_crops(cfg.n_images, size, cfg.seed, epoch)
+            images, sources = proxy_crops(cfg.n_images, size, cfg.seed, epoch, workers=cfg.workers)
             order = torch.randperm(cfg.n_images, generator=generator)
             sums: dict[str, float] = {}
             count = 0
@@ -155,11 +184,16 @@ def run_pretraining(params: Params, progress: bool = True) -> PretrainResult:
                 idx = order[start : start + cfg.batch_size]
                 x, src = images[idx], sources[idx]
                 rot = torch.randint(0, 4, (len(idx),), generator=generator)
-                x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(x, rot)])
+                if heads.rotation is not None:
+                    x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(x, rot)])
+                x = x.to(device)
+                if heads.operation is not None:
+                    x, operation, edit = manipulate(x, generator, cfg.local_p)
+                    edited = patchify(edit, patch).mean(2)  # [B, tokens]: edited share of each patch
                 target = patchify((x - mean) / std, patch)
                 if heads.masked is not None:
                     x, mask = mask_patches(x, patch, cfg.mask_ratio, generator)
-                x = ((x - mean) / std).to(device)
+                x = (x - mean) / std
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, total, cfg.lr, cfg.warmup)
                 pooled, tokens = tower(x)
@@ -169,9 +203,12 @@ def run_pretraining(params: Params, progress: bool = True) -> PretrainResult:
                 if heads.masked is not None:
                     pred = heads.masked(tokens)
                     m = mask.to(device)
-                    losses["masked"] = F.l1_loss(pred[m], target.to(device)[m])
+                    losses["masked"] = F.l1_loss(pred[m], target[m])
                 if heads.source is not None:
                     losses["source"] = F.cross_entropy(heads.source(pooled), src.to(device))
+                if heads.operation is not None:
+                    losses["operation"] = F.cross_entropy(heads.operation(pooled), operation)
+                    losses["edited"] = F.binary_cross_entropy_with_logits(heads.edited(tokens).squeeze(-1), edited)
                 loss = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

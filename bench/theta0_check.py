@@ -1,0 +1,118 @@
+"""Does the gate pass from this θ0? The loop's merge → evaluate → gate step, without MLflow.
+
+For one θ0 (a weights file, or the seeded init, or proxy pretraining from `--pretrain`):
+fine-tune one specialist per seen dataset with the params.yaml recipe (`train_specialist`),
+merge them with R²M and every baseline, hyperparameters chosen on the seen validation splits
+exactly as `r2m run` does (`r2m.pipeline.candidate.merge_methods`), score everything on every
+test split (`evaluate_models`), and apply the gate of params.yaml to each method
+(`summarize` + `check_gate`). Prints one line per method (DROP_max, macro GAIN, verdict) and
+writes `<out>/result.json`.
+
+    .venv/bin/python bench/theta0_check.py --data data/generators --out /tmp/t0/forensic \\
+        --theta0 src/r2m/models/weights/r2m-tiny-forensic.safetensors
+    .venv/bin/python bench/theta0_check.py --data data/generators --out /tmp/t0/random   # seeded init
+    .venv/bin/python bench/theta0_check.py --data data/generators --out /tmp/t0/pt \\
+        --pretrain '{"enabled": true, "tasks": ["manipulation", "masked"], "epochs": 20}' --save-theta0 /tmp/t0/pt.safetensors
+
+Reuses specialists already in `--out`. Torch runs at `--threads` threads (CUDA when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from r2m.checkpoint import read_meta, sidecar_path
+from r2m.config import load_params
+from r2m.data import discover_datasets, validate_dataset
+from r2m.evaluation.gate import check_gate
+from r2m.evaluation.protocol import summarize
+from r2m.evaluation.scoring import evaluate_models
+from r2m.models import ensure_pretrained
+from r2m.pipeline.candidate import merge_methods
+from r2m.training import train_specialist
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="data root with seen and unseen datasets")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--theta0", type=Path, default=None, help="θ0 weights file (model.pretrained); default: params.yaml's")
+    ap.add_argument("--pretrain", default=None, help="JSON: the pretrain section (with no --theta0)")
+    ap.add_argument("--save-theta0", type=Path, default=None, help="copy the θ0 used here to this file")
+    ap.add_argument("--model", default="{}", help="JSON: overrides of the model section (e.g. lr)")
+    ap.add_argument("--train", default="{}", help="JSON: overrides of the train section (e.g. epochs)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    repo = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    model = repo.model.model_dump() | json.loads(args.model)
+    if args.theta0 is not None:
+        model["pretrained"] = str(args.theta0.resolve())
+    overrides = dict(
+        root=args.out,
+        paths={"artifacts": str(args.out / "artifacts"), "data_root": str(args.data)},
+        model=model,
+        train=repo.train.model_dump() | json.loads(args.train),
+    )
+    if args.pretrain is not None:
+        overrides["pretrain"] = json.loads(args.pretrain)
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", **overrides)
+    datasets = [validate_dataset(folder, args.data, params.data) for folder in discover_datasets(args.data)]
+    seen = [d for d in datasets if d.role == "seen"]
+    unseen = [d for d in datasets if d.role != "seen"]
+
+    t0 = time.perf_counter()
+    theta0 = ensure_pretrained(params)
+    timings = {"theta0": time.perf_counter() - t0}
+    if args.save_theta0 is not None:
+        args.save_theta0.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(theta0, args.save_theta0)
+        shutil.copyfile(sidecar_path(theta0), sidecar_path(args.save_theta0))
+    print(f"θ0 {theta0} ({timings['theta0']:.1f} s): {read_meta(theta0).get('pretraining', {}).get('history', [])[::4]}")
+
+    t0 = time.perf_counter()
+    specialists, val_auc = {}, {}
+    for ds in seen:
+        out = args.out / "specialists" / f"{ds.name}.safetensors"
+        if not out.is_file():
+            train_specialist([ds], params, out, pretrained=theta0, progress=False)
+        specialists[ds.name] = out
+        val_auc[ds.name] = read_meta(out).get("metrics", {}).get("val_auc")
+    timings["specialists"] = time.perf_counter() - t0
+    print("specialists' own val AUC:", {k: round(v, 3) for k, v in val_auc.items() if v is not None})
+
+    t0 = time.perf_counter()
+    merged, selection = merge_methods(params, theta0, list(specialists.values()), seen, args.out / "merged")
+    timings["merge"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    models = {f"specialist-{name}": path for name, path in specialists.items()} | merged
+    evaluation = evaluate_models(models, [*seen, *unseen], params, progress=False)
+    timings["evaluate"] = time.perf_counter() - t0
+
+    result = {"theta0": str(theta0), "theta0_meta": read_meta(theta0), "params": {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")},
+              "val_auc": val_auc, "timings_s": timings, "auc": evaluation.auc(), "methods": {}}
+    print(f"{'method':<6} {'hparams':<55} {'DROP_max':>9} {'GAIN_macro':>11} {'seen mean':>10}  gate")
+    for method, path in merged.items():
+        summary = summarize(evaluation, method, specialists=[f"specialist-{n}" for n in specialists])
+        gate = check_gate(summary, params.gate)
+        auc = evaluation.auc()[method]
+        seen_mean = sum(auc[d.name] for d in seen) / len(seen)
+        hparams = read_meta(path).get("hparams") or {}
+        drop_max = max(summary.drop.values())
+        print(f"{method:<6} {json.dumps(hparams)[:55]:<55} {drop_max:>9.3f} {summary.gain_macro:>11.3f} {seen_mean:>10.3f}  "
+              f"{'PASS' if gate.passed else 'fail: ' + gate.reason[:80]}")
+        result["methods"][method] = {"hparams": hparams, "drop": summary.drop, "gain": summary.gain, "gain_macro": summary.gain_macro,
+                                     "gate_passed": gate.passed, "gate_reason": gate.reason, "selection": selection.get(method)}
+    print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
