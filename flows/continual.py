@@ -1,7 +1,8 @@
 """The continual loop as Prefect flows (SPEC sections 1 and 9): thin wrappers over `r2m.pipeline`.
 
-- `watch`   (scheduled): scan the data root → onboard every new seen dataset → re-merge → gate →
-            release. Unseen datasets join the evaluation suite; invalid ones are quarantined.
+- `watch`   (scheduled): scan the data root → onboard every new seen dataset, one at a time:
+            fine-tune → register → re-merge all accepted → gate → release. Unseen datasets
+            join the evaluation suite; invalid ones are quarantined.
 - `onboard` (by hand):   the same steps for named datasets (`generators=[...]`, None = all new).
 
 Each task is one call into `r2m.pipeline`, so `r2m run` (no Prefect) and these flows take the
@@ -37,8 +38,9 @@ from r2m.config import Params, load_params
 from r2m.data import GeneratorDataset
 from r2m.errors import DatasetError, R2MError
 from r2m.models import ensure_pretrained
-from r2m.pipeline.loop import ensure_all_in_one, is_released, onboarded_check
+from r2m.pipeline.loop import ensure_all_in_one, is_released, onboarded_check, pending_steps
 from r2m.pipeline.safety import SpecialistCheck
+from r2m.pipeline.specialists import ACCEPTED
 from r2m.tracking import mlflow_store, registry
 
 COMPUTE_LIMIT = "r2m-compute"  # Prefect global concurrency limit held by every heavy step
@@ -130,11 +132,12 @@ def remerge_candidate(
     specialists: Sequence[pipeline.Specialist],
     found: pipeline.Scan,
     all_in_one: Path | None,
+    final: bool = True,
 ) -> pipeline.Candidate | None:
-    """R²M over every accepted specialist (+ baselines), evaluate, gate, register the candidate."""
+    """R²M over `specialists` (+ baselines on the final step), evaluate, gate, register the candidate."""
     with compute_slot():
         return pipeline.remerge(params, mlflow_store.client(params), pretrained, specialists, found.seen,
-                                found.unseen, all_in_one=all_in_one)
+                                found.unseen, all_in_one=all_in_one, baselines=final)
 
 
 @task(name="release", task_run_name="release-v{candidate.version}", cache_policy=NO_CACHE)
@@ -159,33 +162,45 @@ def current_champion(params: Params) -> str | None:
 
 def onboard_and_release(params: Params, pretrained: Path, found: pipeline.Scan,
                         datasets: Sequence[GeneratorDataset]) -> pipeline.LoopReport:
-    """Onboard `datasets` one by one, then re-merge all accepted specialists, gate and release.
-
-    Called inside a flow. A rerun with nothing new finds the registered candidate and release,
-    so it trains, merges and registers nothing; after a crash it resumes at the missing step.
+    """Onboard `datasets` one by one, each accepted specialist followed by a re-merge of all
+    accepted so far, gate and release (the steps of `r2m.pipeline.loop`); the last step also
+    scores the baselines and All-in-one. Called inside a flow. A rerun with nothing new finds the
+    registered candidates and releases, so it trains, merges and registers nothing; after a crash
+    it redoes the steps the registry shows as owed, in order.
     """
     retrying = retry_options(params)
     report = pipeline.LoopReport(scan=found)
     seen_names = [d.name for d in found.seen]
+
+    def step(specialists: list[pipeline.Specialist], final: bool) -> pipeline.Candidate | None:
+        all_in_one = None
+        if final and params.flow.all_in_one and specialists:
+            with_specialist = [d for d in found.seen if d.name in {s.generator for s in specialists}]
+            all_in_one = train_all_in_one.with_options(**retrying)(with_specialist, params, pretrained)
+        candidate = remerge_candidate.with_options(**retrying)(params, pretrained, specialists, found, all_in_one,
+                                                               final)
+        if candidate is not None and candidate.gate_passed and not is_released(mlflow_store.client(params), candidate):
+            seen = [d for d in found.seen if d.name in {s.generator for s in specialists}]
+            report.release = release_candidate.with_options(**retrying)(params, candidate, seen, specialists)
+        if candidate is not None and not final:
+            report.steps.append(candidate)
+        return candidate
+
     accepted = accepted_specialists(params, seen_names)
-    for dataset in datasets:
+    for specialists in pending_steps(mlflow_store.client(params), accepted):  # steps a crash left undone
+        if len(specialists) < len(accepted) or datasets:
+            step(specialists, final=False)
+    for i, dataset in enumerate(datasets):
         specialist, check = onboard_generator.with_options(**retrying)(dataset, params, pretrained, accepted,
                                                                        found.seen)
         report.onboarded.append(specialist)
         if check is not None:
             report.checks.append(check)
         accepted = accepted_specialists(params, seen_names)
+        if specialist.status == ACCEPTED and i < len(datasets) - 1:
+            step(accepted, final=False)
     report.specialists = accepted
-
-    all_in_one = None
-    if params.flow.all_in_one and accepted:
-        with_specialist = [d for d in found.seen if d.name in {s.generator for s in accepted}]
-        all_in_one = train_all_in_one.with_options(**retrying)(with_specialist, params, pretrained)
-    candidate = remerge_candidate.with_options(**retrying)(params, pretrained, accepted, found, all_in_one)
-    report.candidate = candidate
-    if candidate is not None and candidate.gate_passed and not is_released(mlflow_store.client(params), candidate):
-        seen = [d for d in found.seen if d.name in {s.generator for s in accepted}]
-        report.release = release_candidate.with_options(**retrying)(params, candidate, seen, accepted)
+    report.candidate = step(accepted, final=True)
     report.champion = current_champion(params)
     publish_reports(params, report)
     logger = get_run_logger()
@@ -278,7 +293,7 @@ def gate_markdown(params: Params, report: pipeline.LoopReport, gate: dict, run_u
         f"- detector version: [{c.version}]({mlflow_model_url(params, registry.DETECTOR, c.version)})",
         f"- champion now: {'v' + report.champion if report.champion else 'none'}",
     ]
-    if report.release is not None:
+    if report.release is not None and report.release.version == c.version:
         lines.append(f"- released v{report.release.version}: published `{report.release.published}`, "
                      f"ONNX sha256 `{report.release.onnx_sha256[:16]}`")
     elif not c.gate_passed:
@@ -289,6 +304,11 @@ def gate_markdown(params: Params, report: pipeline.LoopReport, gate: dict, run_u
                      f"| {'yes' if rule['passed'] else 'NO'} | {rule.get('worst_task') or ''} |")
     for skipped in gate.get("skipped", []):
         lines.append(f"| {skipped} | | | skipped | |")
+    if report.steps:
+        lines += ["", "Earlier steps of this run (one per onboarded generator, in order):", "",
+                  "| detector version | verdict |", "|---|---|"]
+        lines += [f"| [{s.version}]({mlflow_model_url(params, registry.DETECTOR, s.version)}) "
+                  f"| {s.gate_reason} |" for s in report.steps]
     return "\n".join(lines)
 
 

@@ -92,12 +92,17 @@ def test_first_onboarding_then_nothing_new_then_one_new(project, data_root):
     (all_in_one,) = (project / "artifacts" / "all-in-one").glob("*.safetensors")
     trained_at = all_in_one.stat().st_mtime_ns
     assert [s.generator for s in first.onboarded] == ["sq-ff", "sq2-ff"]
+    # one generator at a time: a step over sq-ff alone, then the final candidate over both
+    (step,) = first.steps
+    assert step.gate_passed and step.version == "1"
     assert first.candidate is not None and first.candidate.gate_passed, first.candidate
+    assert first.candidate.version == "2"
     assert first.release is not None and first.release.published.is_file()
     after_first = state(params)
     assert after_first["champion"] == first.candidate.version
-    assert after_first["published"] == [1]
+    assert after_first["published"] == [1, 2]
     assert after_first["models"]["specialist-sq-ff"] == [1]
+    assert after_first["models"]["r2m-detector"] == [1, 2]
 
     again = run_once(params, progress=False)
     assert again.onboarded == [] and again.release is None and again.candidate.reused
@@ -110,8 +115,8 @@ def test_first_onboarding_then_nothing_new_then_one_new(project, data_root):
     end = state(params)
     assert end["models"]["specialist-sq3-ff"] == [1]
     assert end["models"]["specialist-sq-ff"] == [1]  # the others were not retrained
-    assert len(end["models"]["r2m-detector"]) == 2
-    assert end["champion"] == third.candidate.version and end["published"] == [1, 2]
+    assert end["models"]["r2m-detector"] == [1, 2, 3] and third.steps == []  # one new candidate
+    assert end["champion"] == third.candidate.version and end["published"] == [1, 2, 3]
 
 
 def test_failed_gate_registers_failed_challenger_and_keeps_champion(project, data_root):
@@ -128,7 +133,7 @@ def test_failed_gate_registers_failed_challenger_and_keeps_champion(project, dat
     assert failed.tags["gate"] == "failed" and "min_auc" in failed.tags["gate_reason"]
     after = state(strict)
     assert after["champion"] == before["champion"] == first.candidate.version
-    assert after["published"] == before["published"] == [1]
+    assert after["published"] == before["published"] == [1, 2]
 
 
 def test_bad_dataset_quarantined_and_loop_goes_on(project, data_root):
@@ -199,9 +204,10 @@ def test_crash_at_any_stage_then_rerun_converges(project, data_root, monkeypatch
     report = run_once(params, progress=False)
     end = state(params)
     assert end["models"]["specialist-sq-ff"] == [1] and end["models"]["specialist-sq2-ff"] == [1]
-    assert end["models"]["r2m-detector"] == [1]  # no duplicate candidate
-    assert end["champion"] == report.candidate.version == "1"
-    assert end["published"] == [1]  # published once, whole
+    # the same end state as a run without the kill: the step over sq-ff, then the final candidate
+    assert end["models"]["r2m-detector"] == [1, 2]  # no duplicate candidate
+    assert end["champion"] == report.candidate.version == "2"
+    assert end["published"] == [1, 2]  # each published once, whole
     assert not list(params.path("model_repository").rglob(".publish-*"))
 
 
@@ -209,7 +215,7 @@ def test_validation_scorer_uses_seen_val_only(project, data_root):
     from r2m.checkpoint import load_checkpoint
     from r2m.data import validate_dataset
     from r2m.errors import EvaluationError
-    from r2m.pipeline.validation import ValidationScorer
+    from r2m.evaluation.validation import ValidationScorer
 
     params = loop_params(project)
     seen = [validate_dataset(data_root / n, data_root, params.data) for n in ("sq-ff", "sq2-ff")]

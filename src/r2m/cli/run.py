@@ -16,10 +16,11 @@ def run(
 ) -> None:
     """Run the continual loop once on the configured data root.
 
-    Validates every generator dataset (bad ones are quarantined), fine-tunes and registers one
-    specialist per new seen generator, re-merges all accepted specialists with R²M, evaluates and
-    gates the candidate in MLflow, and — only if it passes — exports it to ONNX, moves `champion`
-    and publishes it to the model repository. Running again with nothing new changes nothing.
+    Validates every generator dataset (bad ones are quarantined), then onboards the new seen
+    generators one at a time: fine-tunes and registers its specialist, re-merges all accepted
+    specialists with R²M, evaluates and gates the candidate in MLflow, and — only if it passes —
+    exports it to ONNX, moves `champion` and publishes it to the model repository. Running again
+    with nothing new changes nothing.
     """
     from r2m.config import load_params
     from r2m.pipeline import run_once

@@ -24,7 +24,7 @@ from r2m.data import GeneratorDataset
 from r2m.evaluation.gate import GateReport, check_gate
 from r2m.evaluation.protocol import summarize
 from r2m.evaluation.scoring import evaluate_models
-from r2m.pipeline.validation import ValidationScorer
+from r2m.evaluation.validation import ValidationScorer
 from r2m.merging import select
 from r2m.merging.files import merge_files
 from r2m.pipeline.specialists import Specialist
@@ -105,11 +105,13 @@ def choose_hparams(method: str, params: Params, pretrained: Path, paths: Sequenc
 
 
 def merge_methods(params: Params, pretrained: Path, paths: Sequence[Path], seen: Sequence[GeneratorDataset],
-                  folder: Path) -> tuple[dict[str, Path], dict[str, list[dict]]]:
-    """`merge.method` then every baseline of `merge.baselines`, written to `folder/<method>.safetensors`;
-    hyperparameters chosen on the seen validation splits when `merge.select` (else params.yaml's).
-    Returns the files and, per method, the selection table."""
-    methods = [params.merge.method, *(b for b in params.merge.baselines if b != params.merge.method)]
+                  folder: Path, *, baselines: bool = True) -> tuple[dict[str, Path], dict[str, list[dict]]]:
+    """`merge.method` then (with `baselines`) every baseline of `merge.baselines`, written to
+    `folder/<method>.safetensors`; hyperparameters chosen on the seen validation splits when
+    `merge.select` (else params.yaml's). Returns the files and, per method, the selection table."""
+    methods = [params.merge.method]
+    if baselines:
+        methods += [b for b in params.merge.baselines if b != params.merge.method]
     scorer = ValidationScorer(params, seen) if params.merge.select else None
     merged, selection = {}, {}
     for name in methods:
@@ -130,9 +132,13 @@ def remerge(
     unseen: Sequence[GeneratorDataset],
     *,
     all_in_one: Path | None = None,
+    baselines: bool = True,
     progress: bool = True,
 ) -> Candidate | None:
-    """Merge, evaluate, gate and register a candidate over `specialists` (None without any)."""
+    """Merge, evaluate, gate and register a candidate over `specialists` (None without any).
+
+    `baselines=False` merges and scores R²M alone (the intermediate steps of a backlog, see
+    `r2m.pipeline.loop`); the gate reads the same numbers either way."""
     if not specialists:
         return None
     key = candidate_key(specialists, params)
@@ -146,7 +152,7 @@ def remerge(
     # poisoned) neither chooses hyperparameters nor judges the candidate
     seen = [d for d in seen if d.name in {s.generator for s in specialists}]
     method = params.merge.method
-    merged, selection = merge_methods(params, pretrained, paths, seen, folder)
+    merged, selection = merge_methods(params, pretrained, paths, seen, folder, baselines=baselines)
 
     models = {f"specialist-{s.generator}": s.path for s in specialists}
     models.update({m: path for m, path in merged.items()})

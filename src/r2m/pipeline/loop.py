@@ -1,4 +1,17 @@
-"""The continual loop once: scan → onboard each new generator → re-merge → gate → release."""
+"""The continual loop once: scan → onboard each new generator → re-merge → gate → release.
+
+Onboarding is one generator at a time (SPEC section 1): each accepted specialist is followed by
+a re-merge of every specialist accepted so far, gated against the champion of that moment and
+released if it passes. A backlog (the first run, or several datasets dropped at once) is thus
+onboarded as the same sequence of candidates that arriving one by one would give: every step
+leaves a registered candidate, the champion is the last one that passed, and each failed step is
+a failed challenger with its reason. The intermediate steps merge and score R²M alone; the last
+one (over every accepted specialist) also scores the baselines and All-in-one.
+
+Crash-safe: the steps still owed are derived from the registry (accepted specialists registered
+after the newest settled candidate, i.e. one that failed the gate or was released), so a rerun
+after a kill redoes exactly the missing steps, in order, and finishes a release a kill cut short.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +40,9 @@ class LoopReport:
     onboarded: list[Specialist] = field(default_factory=list)
     checks: list[SpecialistCheck] = field(default_factory=list)
     specialists: list[Specialist] = field(default_factory=list)
-    candidate: Candidate | None = None
-    release: Release | None = None
+    candidate: Candidate | None = None  # the final step: over every accepted specialist
+    steps: list[Candidate] = field(default_factory=list)  # intermediate candidates of a backlog, in order
+    release: Release | None = None  # the last release of this run
     champion: str | None = None
 
     def lines(self) -> list[str]:
@@ -37,6 +51,9 @@ class LoopReport:
         for s in self.onboarded:
             out.append(f"specialist {s.generator} v{s.version}: {s.status} (val AUC {s.val_auc:.4f})"
                        + ("" if s.status == ACCEPTED else f" — {s.reason}"))
+        for c in self.steps:
+            out.append(f"step r2m-detector v{c.version} ({c.method} {c.hparams})"
+                       + (" [unchanged since last run]" if c.reused else "") + f": {c.gate_reason}")
         if self.candidate is None:
             out.append("no candidate: no accepted specialist yet")
         else:
@@ -79,6 +96,27 @@ def is_released(client, candidate: Candidate) -> bool:
     return candidate.reused and PUBLISHED_TAG in registry.get_version(client, candidate.version).tags
 
 
+def settled_since(client) -> int | None:
+    """When the newest *settled* candidate was registered (ms): one that failed the gate or was
+    released. A candidate that passed but whose release did not finish is not settled."""
+    try:
+        found = client.search_model_versions(f"name='{registry.DETECTOR}'")
+    except Exception:
+        return None
+    settled = [int(mv.creation_timestamp or 0) for mv in found
+               if mv.tags.get("gate") == "failed" or PUBLISHED_TAG in mv.tags]
+    return max(settled, default=None)
+
+
+def pending_steps(client, accepted: list[Specialist]) -> list[list[Specialist]]:
+    """The steps still owed, in onboarding order: for each accepted specialist registered after
+    the newest settled candidate, the specialists accepted up to it."""
+    since = settled_since(client)
+    history = sorted(accepted, key=lambda s: (s.registered_at, s.generator))
+    owed = [s for s in history if since is None or s.registered_at > since]
+    return [[a for a in history if a.registered_at <= s.registered_at] for s in owed]
+
+
 def run_once(params: Params, *, progress: bool = True) -> LoopReport:
     """The loop once, without Prefect (`r2m run`); `flows/continual.py` takes the same steps as tasks."""
     client = mlflow_store.client(params)
@@ -86,26 +124,36 @@ def run_once(params: Params, *, progress: bool = True) -> LoopReport:
     found = scan(params, onboarded_check(params, client, pretrained))
     report = LoopReport(scan=found)
     seen_names = [d.name for d in found.seen]
+
+    def step(specialists: list[Specialist], final: bool) -> Candidate | None:
+        """Re-merge `specialists`, gate, and release the candidate if it passed."""
+        merged_data = [d for d in found.seen if d.name in {s.generator for s in specialists}]
+        all_in_one = None
+        if final and params.flow.all_in_one and specialists:
+            all_in_one = ensure_all_in_one(merged_data, params, pretrained, progress=progress)
+        candidate = remerge(params, client, pretrained, specialists, found.seen, found.unseen,
+                            all_in_one=all_in_one, baselines=final, progress=progress)
+        if candidate is not None and candidate.gate_passed and not is_released(client, candidate):
+            report.release = release(params, client, candidate.version, candidate.path, candidate.sha256,
+                                     merged_data, lineage={"specialists": {s.generator: s.version for s in specialists}})
+        if candidate is not None and not final:
+            report.steps.append(candidate)
+        return candidate
+
     accepted = registered_specialists(params, seen_names, client)
-    for dataset in found.to_onboard:
+    for specialists in pending_steps(client, accepted):  # steps a crash left undone
+        if len(specialists) < len(accepted) or found.to_onboard:  # else: the final step below
+            step(specialists, final=False)
+    for i, dataset in enumerate(found.to_onboard):
         specialist, check = onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted,
                                                datasets=found.seen, progress=progress, client=client)
         report.onboarded.append(specialist)
         if check is not None:
             report.checks.append(check)
         accepted = registered_specialists(params, seen_names, client)
+        if specialist.status == ACCEPTED and i < len(found.to_onboard) - 1:
+            step(accepted, final=False)
     report.specialists = accepted
-
-    all_in_one = None
-    if params.flow.all_in_one and accepted:
-        all_in_one = ensure_all_in_one([d for d in found.seen if d.name in {s.generator for s in accepted}],
-                                       params, pretrained, progress=progress)
-    candidate = remerge(params, client, pretrained, accepted, found.seen, found.unseen,
-                        all_in_one=all_in_one, progress=progress)
-    report.candidate = candidate
-    if candidate is not None and candidate.gate_passed and not is_released(client, candidate):
-        seen = [d for d in found.seen if d.name in {s.generator for s in accepted}]
-        report.release = release(params, client, candidate.version, candidate.path, candidate.sha256, seen,
-                                 lineage={"specialists": {s.generator: s.version for s in accepted}})
+    report.candidate = step(accepted, final=True)
     report.champion = registry.alias_version(client, registry.CHAMPION)
     return report

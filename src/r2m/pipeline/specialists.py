@@ -32,6 +32,7 @@ class Specialist:
     val_auc: float
     status: str
     reason: str
+    registered_at: int = 0  # the registry version's creation time (ms): the onboarding order
 
 
 def identity(dataset: GeneratorDataset, params: Params, theta0_sha256: str) -> dict:
@@ -62,6 +63,7 @@ def _from_version(mv) -> Specialist:
         val_auc=float(tags.get("val_auc", "nan")),
         status=tags.get("status", ""),
         reason=tags.get("status_reason", ""),
+        registered_at=int(mv.creation_timestamp or 0),
     )
 
 
