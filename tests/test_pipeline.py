@@ -225,3 +225,27 @@ def test_validation_scorer_uses_seen_val_only(project, data_root):
     (specialist,) = (project / "artifacts" / "specialists").glob("sq-ff-*.safetensors")
     score = ValidationScorer(params, seen)(load_checkpoint(specialist).tensors)
     assert 0.5 < score <= 1.0  # a trained specialist separates the square artifact on val
+
+
+def test_one_specialist_step_is_that_specialist_and_chooses_nothing(project, data_root, monkeypatch):
+    import torch
+
+    import r2m.pipeline.candidate as candidate
+    from r2m.checkpoint import load_checkpoint
+    from r2m.data import validate_dataset
+    from r2m.models import ensure_pretrained
+    from r2m.pipeline.specialists import checkpoint_path
+
+    def no_scorer(*args, **kwargs):
+        raise AssertionError("R²M of one specialist has nothing to choose on validation")
+
+    monkeypatch.setattr(candidate, "ValidationScorer", no_scorer)
+    params = loop_params(project, merge={"select": True})
+    dataset = validate_dataset(data_root / "sq-ff", data_root, params.data)
+    specialist = checkpoint_path(dataset, params)
+    merged, selection = candidate.merge_methods(params, ensure_pretrained(params), [specialist], [dataset],
+                                                project / "merged", baselines=False)
+    assert list(merged) == ["r2m"] and selection == {}
+    got, want = load_checkpoint(merged["r2m"]).tensors, load_checkpoint(specialist).tensors
+    assert set(got) == set(want)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)

@@ -112,11 +112,13 @@ def merge_methods(params: Params, pretrained: Path, paths: Sequence[Path], seen:
     methods = [params.merge.method]
     if baselines:
         methods += [b for b in params.merge.baselines if b != params.merge.method]
-    scorer = ValidationScorer(params, seen) if params.merge.select else None
+    scorer = None
     merged, selection = {}, {}
     for name in methods:
         hparams = configured_hparams(name, params)
-        if scorer is not None:
+        # R²M of one specialist is that specialist for every α, r, core (SPEC 5): nothing to choose
+        if params.merge.select and not (name == "r2m" and len(paths) == 1):
+            scorer = scorer or ValidationScorer(params, seen)
             hparams, selection[name] = choose_hparams(name, params, pretrained, paths, scorer)
         merged[name] = folder / f"{name}.safetensors"
         merge_files(name, pretrained, paths, merged[name], hparams)
