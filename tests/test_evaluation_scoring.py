@@ -81,6 +81,31 @@ def test_scores_match_a_direct_forward_pass_and_the_metrics(params, bench):
     assert default_model_name(paths["r2m"]) == "r2m"
 
 
+def test_score_cache_scores_each_checkpoint_once_and_follows_its_content(params, bench, project, monkeypatch):
+    import r2m.evaluation.scoring as scoring
+
+    datasets, paths = bench
+    cache = project / "scores"
+    first = evaluate_models(paths, datasets, params, progress=False, score_cache=cache)
+    assert len(list(cache.glob("*.json"))) == len(paths) * len(datasets)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a cached checkpoint was loaded again")
+
+    monkeypatch.setattr(scoring, "load_detector", no_load)
+    again = evaluate_models(paths, datasets, params, progress=False, score_cache=cache)
+    assert again.scores == first.scores and again.metrics == first.metrics
+
+    # a checkpoint whose content changes is scored again (the key is its sha256, not its name)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(paths["r2m"])
+    ckpt.tensors["head.weight"] = ckpt.tensors["head.weight"].flip(0)  # swap the classes
+    save_checkpoint(paths["r2m"], ckpt.tensors, ckpt.meta)
+    changed = evaluate_models({"r2m": paths["r2m"]}, datasets[:1], params, progress=False, score_cache=cache)
+    assert changed.scores["r2m"]["sq-ff"][1] != first.scores["r2m"]["sq-ff"][1]
+    assert len(list(cache.glob("*.json"))) == len(paths) * len(datasets) + 1
+
+
 def _cli(args, project, gate: dict):
     (project / "params.yaml").write_text(yaml.safe_dump({"model": {"name": "r2m-tiny"}, "gate": gate}))
     return CliRunner().invoke(app, args, catch_exceptions=False)

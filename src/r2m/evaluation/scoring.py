@@ -2,13 +2,18 @@
 
 Score = P(fake) = softmax(logits)[:, 1] (SPEC section 4). Each task's images are decoded and
 transformed once and kept in memory while they fit `cache_bytes`, so scoring many models (the
-specialists, every merge method, All-in-one, the champion) does not decode them again.
+specialists, every merge method, All-in-one, the champion) does not decode them again. With a
+`score_cache` folder, the scores of a checkpoint on a dataset split are also kept on disk, keyed
+by the checkpoint's sha256 and the dataset's content hash, so the loop's successive re-merges
+score each specialist and the champion once, not at every step.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
+
+import json
 
 import numpy as np
 import torch
@@ -113,6 +118,7 @@ def evaluate_models(
     batch_size: int = EVAL_BATCH_SIZE,
     cache_bytes: int = 2 << 30,
     device: torch.device | None = None,
+    score_cache: Path | None = None,
 ) -> Evaluation:
     """Score every model (`name -> checkpoint`) on every dataset's `split`: AUC, EER, AP, video
     AUC per task. `kinds` overrides a checkpoint's sidecar kind (e.g. "champion")."""
@@ -131,19 +137,37 @@ def evaluate_models(
     evaluation = Evaluation(tasks=[task_of(d) for d in datasets], models=infos, metrics={}, scores={})
     bar = tqdm(total=len(models) * len(datasets), desc="evaluate", disable=not progress, leave=False)
     for name, path in models.items():
-        detector = load_detector(path, device=device)
         model_name = read_meta(path).get("model", {}).get("name") or params.model.name
         size = image_size(model_name)
         evaluation.metrics[name], evaluation.scores[name] = {}, {}
+        detector = None
+        digest = file_sha256(path) if score_cache is not None else None  # the file as it is now
         for dataset in datasets:
-            key = (dataset.name, size)
-            if key not in inputs:
-                inputs[key] = _TaskInputs(dataset, split, size, params, batch_size, budget)
-            task = inputs[key]
             bar.set_postfix_str(f"{name} on {dataset.name}")
-            scores = score_batches(detector, task.batches(), device)
-            evaluation.metrics[name][dataset.name] = task_metrics(dataset.name, task.labels, scores, task.groups)
-            evaluation.scores[name][dataset.name] = (task.labels.tolist(), scores.tolist())
+            cached = None
+            if score_cache is not None:
+                cached = Path(score_cache) / f"{digest[:32]}-{dataset.data_hash[:16]}-{split}-{size}.json"
+            if cached is not None and cached.is_file():
+                samples = dataset.split(split)
+                labels = np.array([s.label for s in samples], dtype=np.int64)
+                groups = [s.group for s in samples]
+                scores = np.array(json.loads(cached.read_text())["scores"], dtype=np.float64)
+            else:
+                key = (dataset.name, size)
+                if key not in inputs:
+                    inputs[key] = _TaskInputs(dataset, split, size, params, batch_size, budget)
+                task = inputs[key]
+                detector = detector or load_detector(path, device=device)
+                labels, groups = task.labels, task.groups
+                scores = score_batches(detector, task.batches(), device)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cached.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"checkpoint": str(path), "dataset": dataset.name,
+                                               "scores": scores.tolist()}))
+                    tmp.replace(cached)
+            evaluation.metrics[name][dataset.name] = task_metrics(dataset.name, labels, scores, groups)
+            evaluation.scores[name][dataset.name] = (labels.tolist(), scores.tolist())
             bar.update(1)
         del detector
     bar.close()

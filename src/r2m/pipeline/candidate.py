@@ -165,7 +165,8 @@ def remerge(
     if champion is not None:
         models[CHAMPION_MODEL] = champion
         kinds[CHAMPION_MODEL] = "champion"
-    evaluation = evaluate_models(models, [*seen, *unseen], params, kinds=kinds, progress=progress)
+    evaluation = evaluate_models(models, [*seen, *unseen], params, kinds=kinds, progress=progress,
+                                 score_cache=params.path("artifacts") / "scores")
     summary = summarize(evaluation, method, specialists=[f"specialist-{s.generator}" for s in specialists],
                         champion=CHAMPION_MODEL if champion is not None else None)
     gate: GateReport = check_gate(summary, params.gate)
