@@ -21,7 +21,7 @@ from r2m.merging import (
     weight_average,
 )
 from r2m.merging.linalg import truncation_rank
-from r2m.merging.taskvectors import TaskVectors, matrix_blocks
+from r2m.merging.taskvectors import TaskVectors, matrix_blocks, weight_mean
 
 QKV = "backbone.transformer.resblocks.0.attn.in_proj_weight"
 OUT = "backbone.transformer.resblocks.0.attn.out_proj.weight"
@@ -116,30 +116,131 @@ def test_ties_majority_sign_resolves_exact_cancellations():
     assert result.diagnostics["majority_sign"] == 1 and result.diagnostics["patched_coordinates"] == 1
 
 
-def dense_ties(theta0: dict, specs: list[dict], p: float, lam: float) -> torch.Tensor:
-    """The official TIES code on the concatenated task vectors (kthvalue, resolve_sign, disjoint mean)."""
+def sequential_sum(rows: torch.Tensor) -> torch.Tensor:
+    """Σ_i rows_i in row order from +0, the order TIES sums in (torch's dim-0 sum uses it for
+    N ≤ 4 and on most columns beyond)."""
+    acc = torch.zeros(rows.shape[1:], dtype=rows.dtype)
+    for row in rows:
+        acc = acc + row
+    return acc
+
+
+def dense_ties(theta0: dict, specs: list[dict], p: float, lam: float, form: str = "official") -> tuple[dict, torch.Tensor, int]:
+    """The official TIES code on the concatenated task vectors (kthvalue, resolve_sign, disjoint
+    mean), in float32 like the streamed inputs. Returns the merged keys, the thresholds and the
+    majority sign."""
     keys = [k for k in theta0 if theta0[k].is_floating_point()]
-    flat = torch.stack([torch.cat([(s[k] - theta0[k]).reshape(-1) for k in keys]) for s in specs])
+    flat = torch.stack([torch.cat([(s[k].float() - theta0[k].float()).reshape(-1) for k in keys]) for s in specs])
     d = flat.shape[1]
-    kth, _ = flat.abs().kthvalue(d - int(d * p), dim=1, keepdim=True)
+    kth, _ = flat.abs().kthvalue(max(d - int(d * p), 1), dim=1, keepdim=True)
+    if p >= 1:
+        kth.zero_()
     trimmed = flat * (flat.abs() >= kth)
-    sign = torch.sign(trimmed.sum(0))
-    sign[sign == 0] = torch.sign(sign.sum())
+    sign = torch.sign(sequential_sum(trimmed))
+    majority = int(torch.sign(sign.sum()))
+    sign[sign == 0] = majority
     keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
     sel = trimmed * keep
-    merged = sel.sum(0) / (sel != 0).sum(0).float().clamp(min=1)
-    return torch.cat([theta0[k].reshape(-1) for k in keys]) + lam * merged
+    if form == "official":
+        base = torch.cat([theta0[k].float().reshape(-1) for k in keys])
+        merged = base + lam * sequential_sum(sel) / (sel != 0).sum(0).float().clamp(min=1)
+    else:
+        base = torch.cat([weight_mean(torch.stack([s[k].float().reshape(-1) for s in specs])) for k in keys])
+        merged = base + lam * sequential_sum(sel)
+    out, at = {}, 0
+    for k in keys:
+        n = theta0[k].numel()
+        out[k] = merged[at : at + n].reshape(theta0[k].shape).to(specs[0][k].dtype)
+        at += n
+    return out, kth.squeeze(1), majority
 
 
-@pytest.mark.parametrize("p", [0.1, 0.3, 0.7])
-def test_ties_matches_official_dense_implementation(p):
-    theta0 = random_model(3)
-    specs = specialists_of(theta0, 4, seed=5)
-    out = ties(theta0, specs, top_p=p).state_dict
-    keys = [k for k in theta0 if theta0[k].is_floating_point()]
-    got = torch.cat([out[k].reshape(-1) for k in keys])
-    assert torch.allclose(got, dense_ties(theta0, specs, p, 1.0), atol=1e-6)
+def ties_case(kind: str, n: int, dtype=torch.float32, seed: int = 0) -> tuple[dict, list[dict]]:
+    """θ0 and n specialists (width 16, ~3k coordinates) with task vectors of a given kind:
+    gauss (distinct magnitudes), int (small integers: exact sign cancellations and many magnitudes
+    tied at the threshold, so whole boundary bins are patched), sparse (mostly τ = 0: the threshold
+    is 0 for small p)."""
+    theta0 = random_model(seed, width=16)
+    g = torch.Generator().manual_seed(seed + 100)
+    if kind != "gauss":  # integer τ exactly: θ0 = 0
+        theta0 = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in theta0.items()}
+    specs = []
+    for i in range(n):
+        s = {}
+        for k, v in theta0.items():
+            if not v.is_floating_point():
+                s[k] = v.clone()
+            elif kind == "gauss":
+                s[k] = v + 0.01 * (1 + i) * torch.randn(v.shape, generator=g)
+            elif kind == "int":
+                s[k] = torch.randint(-3, 4, v.shape, generator=g).float()
+            else:
+                s[k] = torch.randint(-2, 3, v.shape, generator=g).float() * (torch.rand(v.shape, generator=g) < 0.1)
+        s["head.weight"], s["head.bias"] = torch.randn(2, 16, generator=g), torch.randn(2, generator=g)
+        specs.append(s)
+    cast = lambda m: {k: v.to(dtype) if v.is_floating_point() else v for k, v in m.items()}
+    return cast(theta0), [cast(s) for s in specs]
+
+
+class CountingSink(DictSink):
+    def __init__(self, layout):
+        super().__init__(layout)
+        self.patched = 0
+
+    def patch(self, key, flat_index, values):
+        self.patched += flat_index.numel()
+        super().patch(key, flat_index, values)
+
+
+@pytest.mark.parametrize(
+    "kind,n,p,form,dtype",
+    [
+        ("gauss", 4, 0.1, "official", torch.float32),
+        ("gauss", 6, 0.3, "sum", torch.float32),
+        ("gauss", 3, 0.7, "official", torch.float16),
+        ("gauss", 2, 0.2, "official", torch.bfloat16),
+        ("int", 1, 0.2, "official", torch.float32),
+        ("int", 3, 0.5, "official", torch.float32),
+        ("int", 5, 0.2, "sum", torch.float32),
+        ("int", 6, 0.3, "official", torch.float32),
+        ("int", 6, 1.0, "official", torch.float32),
+        ("int", 2, 0.2, "sum", torch.bfloat16),
+        ("sparse", 4, 0.05, "official", torch.float32),
+        ("sparse", 3, 0.5, "sum", torch.float32),
+    ],
+)
+def test_ties_matches_official_dense_implementation(kind, n, p, form, dtype):
+    """Streamed TIES (two passes, boundary bins patched after the merge) equals the dense official
+    code bit for bit: thresholds, every merged value, the majority sign."""
+    theta0, specs = ties_case(kind, n, dtype, seed=n)
+    lam = 0.7 if form == "sum" else 1.0
+    sink = CountingSink(TaskVectors(theta0, specs).layout())
+    result = ties(theta0, specs, top_p=p, lam=lam, form=form, runtime=Runtime(sink=sink))
+    out = result.state_dict
+    expected, kth, majority = dense_ties(theta0, specs, p, lam, form)
+    assert result.diagnostics["trim_thresholds"] == [float(t) for t in kth]
+    assert result.diagnostics["majority_sign"] == majority
+    for k, v in expected.items():
+        assert out[k].dtype == dtype and torch.equal(out[k], v), k
     assert torch.equal(out[POS], theta0[POS])
+    if kind == "int" and p < 1:  # thresholds tied by many entries: the boundary fix-up ran
+        assert sink.patched > result.diagnostics["patched_coordinates"]
+
+
+def test_ties_boundary_patches_reach_a_streamed_file(tmp_path):
+    from safetensors.torch import save_file
+
+    theta0, specs = ties_case("int", 4, seed=3)
+    names = ["t0.safetensors"] + [f"s{i}.safetensors" for i in range(4)]
+    for name, model in zip(names, [theta0, *specs]):
+        save_file(model, str(tmp_path / name))
+    src = [SafetensorsSource(tmp_path / name) for name in names]
+    sink = SafetensorsSink(tmp_path / "out.safetensors", TaskVectors(src[0], src[1:]).layout())
+    ties(src[0], src[1:], top_p=0.3, runtime=Runtime(sink=sink))
+    sink.close()
+    memory = ties(theta0, specs, top_p=0.3).state_dict
+    back = SafetensorsSource(tmp_path / "out.safetensors")
+    assert all(torch.equal(back.get(k), memory[k]) for k in memory)
 
 
 def svd_truncate(w: torch.Tensor, r: float) -> torch.Tensor:
