@@ -10,10 +10,9 @@ score each specialist and the champion once, not at every step.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
-
-import json
 
 import numpy as np
 import torch
