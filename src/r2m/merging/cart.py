@@ -35,7 +35,7 @@ def cart(pretrained, specialists: Sequence, *, eta: float = 1.0, rank: float = 0
         if not p.blocks:
             return theta_avg
         start = time.perf_counter()
-        truncated, _ = truncate_blocks(centred(task_vectors(theta0, stack)), p.shape, p.blocks, rank, device)
+        truncated, _ = truncate_blocks(centred(task_vectors(theta0, stack)), p.matrix_shape, p.blocks, rank, device)
         svd_seconds += time.perf_counter() - start
         return theta_avg + scale * row_sum(truncated)
 

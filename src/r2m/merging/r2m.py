@@ -73,7 +73,7 @@ def analyse(tv: TaskVectors, *, rank: float = 0.7, k: int = 1, core: Literal["ce
         delta = centred(tau)  # in place: τ is not needed any more
         if p.blocks:
             start = time.perf_counter()
-            delta, projectors = truncate_blocks(delta, p.shape, p.blocks, rank, device)
+            delta, projectors = truncate_blocks(delta, p.matrix_shape, p.blocks, rank, device)
             svd_seconds += time.perf_counter() - start
             scratch.append([t for pr in projectors for t in pr.tensors()] if projectors else [])
         g_res += gram(delta)
@@ -190,7 +190,7 @@ def compose(tv: TaskVectors, an: Analysis, co: Coefficients) -> MergeResult:
             stored = next(replay)
             if stored:
                 projectors = [Projector.from_tensors(stored[j], stored[j + 1]) for j in range(0, len(stored), 2)]
-                delta = apply_blocks(delta, p.shape, p.blocks, projectors, device)
+                delta = apply_blocks(delta, p.matrix_shape, p.blocks, projectors, device)
         return out + w @ delta  # + η τ_res
 
     sink = tv.write(merged, desc="r2m: compose")

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.timm_model import TimmModel
 from torch import nn
 
 from r2m.checkpoint import BACKBONE_PREFIX, HEAD_KEYS, load_checkpoint
 from r2m.config import ModelConfig, Params
 from r2m.data.transforms import INTERPOLATION
 from r2m.errors import CheckpointError
+from r2m.models.package_weights import is_package_source
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 _registered = False
@@ -40,7 +42,10 @@ class Detector(nn.Module):
 
     def __init__(self, backbone: nn.Module, width: int):
         super().__init__()
-        backbone.proj = None  # the feature is the pooled token before `proj` (DF40's pooler_output)
+        if is_timm_tower(backbone):
+            backbone.head = nn.Sequential()  # the feature is the trunk's pooled output, before any projection
+        else:
+            backbone.proj = None  # the feature is the pooled token before `proj` (DF40's pooler_output)
         self.backbone = backbone
         self.head = nn.Linear(width, 2)
 
@@ -80,11 +85,24 @@ class Detector(nn.Module):
             self.head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
 
 
+def is_timm_tower(visual: nn.Module) -> bool:
+    """open_clip's timm vision tower (`timm_model_name` in the config), e.g. EfficientNet-Lite."""
+    return isinstance(visual, TimmModel)
+
+
+def feature_width(visual: nn.Module) -> int:
+    """Width of the detector's feature: the pooled token before `proj` (ViT), the trunk's pooled
+    output (timm towers)."""
+    if is_timm_tower(visual):
+        return visual.trunk.num_features
+    return visual.proj.shape[0] if visual.proj is not None else visual.output_dim
+
+
 def _create_visual(model_cfg: ModelConfig) -> nn.Module:
     register_model_configs()
     pretrained = model_cfg.pretrained
-    if pretrained and Path(pretrained).suffix == ".safetensors":
-        pretrained = None  # a local θ0 file in the checkpoint contract is loaded by the caller
+    if pretrained and (Path(pretrained).suffix == ".safetensors" or is_package_source(pretrained)):
+        pretrained = None  # a local θ0 file or a package's weights: loaded by the caller (r2m.models.pretrained)
     factory_log = logging.getLogger()  # open_clip warns "no pretrained weights" on the root logger
     level = factory_log.level
     if pretrained is None:
@@ -103,8 +121,7 @@ def _create_visual(model_cfg: ModelConfig) -> nn.Module:
 def build_detector(model_cfg: ModelConfig) -> Detector:
     """A detector with the configured backbone and a freshly initialised head (seeded by the caller)."""
     visual = _create_visual(model_cfg)
-    width = visual.proj.shape[0] if visual.proj is not None else visual.output_dim
-    return Detector(visual, width)
+    return Detector(visual, feature_width(visual))
 
 
 def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device: torch.device | str = "cpu") -> Detector:

@@ -53,6 +53,14 @@ def predict_scores(detector: Detector, loader: DataLoader, device: torch.device)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
 
+def freeze_norm_statistics(module: torch.nn.Module) -> None:
+    """BatchNorm layers to eval mode: their affine weights still train, their running statistics
+    stay θ0's (no effect on LayerNorm-only ViTs)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
 
@@ -131,6 +139,8 @@ def train_specialist(
     train_seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         detector.train()
+        if cfg.freeze_norm_stats:
+            freeze_norm_statistics(detector)
         total, count = 0.0, 0
         t0 = time.perf_counter()
         bar = tqdm(train_loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
