@@ -320,15 +320,17 @@ def resolve_architecture(shapes: dict, embed_dim: int, source: Path | str, *, gi
     """Heads and activation: a flag wins, else the first of `defaults` (source config, θ0,
     `--model`, the format's convention) that says; none saying is an error naming the flag."""
     arch = dict(shapes)
-    for key, flag in (("heads", "--heads"), ("quick_gelu", "--act")):
-        if given.get(key) is not None:
-            arch[key] = given[key]
-            continue
-        said = next((d[key] for _, d in defaults if d.get(key) is not None), None)
+    missing = []
+    for key, flag, what in (("heads", "--heads", "number of heads"), ("quick_gelu", "--act", "activation")):
+        said = given.get(key)
         if said is None:
-            raise CheckpointError(source, f"the weights do not tell the {'number of heads' if key == 'heads' else 'activation'}: "
-                                          f"pass {flag} (or --pretrained θ0 / --model NAME / the Hugging Face config)")
+            said = next((d[key] for _, d in defaults if d.get(key) is not None), None)
+        if said is None:
+            missing.append((flag, what))
         arch[key] = said
+    if missing:
+        raise CheckpointError(source, f"the weights do not tell the {' or the '.join(w for _, w in missing)}: pass "
+                                      f"{' and '.join(f for f, _ in missing)} (or --pretrained θ0, --model NAME, the Hugging Face config)")
     if arch["width"] % arch["heads"]:
         raise CheckpointError(source, f"width {arch['width']} is not divisible by {arch['heads']} heads")
     return Architecture(embed_dim=embed_dim, **arch)
