@@ -47,3 +47,33 @@ def import_checkpoint(
     sha = write_imported(imported, out)
     typer.echo(f"{imported.kind} {out} (sha256 {sha[:12]}): {imported.architecture.describe()}, model {imported.model['name']}"
                + (f", θ0 {imported.meta['theta0_sha256'][:12]}" if "theta0_sha256" in imported.meta else ""))
+
+
+@command("register-specialist")
+def register_specialist(
+    checkpoint: Path = typer.Argument(..., help="The specialist (.safetensors in the checkpoint contract; see import-checkpoint)."),
+    generator: str = typer.Option(..., "--generator", help="The seen generator dataset (under the data root) it was trained for."),
+    assume_theta0: bool = typer.Option(
+        False, "--assume-theta0", help="For a file without a θ0 record: it was fine-tuned from the loop's θ0 (recorded as assumed)."),
+    params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Hand the continual loop a specialist trained elsewhere for one generator dataset.
+
+    It gets the checks one r2m trained gets — the loop's θ0 (by sha256, or --assume-theta0), its
+    own validation AUC on that dataset, the label-flip guard — and is registered as a version of
+    specialist-<generator> with its verdict. Accepted, the next `r2m run` merges it (and trains no
+    specialist of its own for that data). Exit status 1 when it is rejected.
+    """
+    from r2m.config import load_params
+    from r2m.pipeline.external import register_external_specialist
+
+    params = load_params(params_file)
+    specialist, check = register_external_specialist(checkpoint, generator, params, assume_theta0=assume_theta0,
+                                                     progress=not quiet)
+    again = " (registered before)" if check is None else ""
+    typer.echo(f"specialist-{specialist.generator} v{specialist.version}: {specialist.status}{again} "
+               f"(val AUC {specialist.val_auc:.4f})" + ("; the next `r2m run` merges it" if specialist.status == "accepted"
+                                                        else f" — {specialist.reason}"))
+    if specialist.status != "accepted":
+        raise typer.Exit(code=1)
