@@ -6,7 +6,12 @@ registered with open_clip's own config mechanism, so real runs and tests share o
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import open_clip
@@ -22,6 +27,7 @@ from r2m.models.package_weights import is_package_source
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 _registered = False
+_inline_dir: Path | None = None  # this process's copies of sidecar-inline configs (see below)
 
 
 def register_model_configs() -> None:
@@ -30,6 +36,36 @@ def register_model_configs() -> None:
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIGS)
         _registered = True
+
+
+def register_inline_config(name: str, config: dict, source: Path | str = "<sidecar>") -> None:
+    """Make an architecture stored in a sidecar (`model.config`, e.g. an imported checkpoint's)
+    known to open_clip as `name`, through open_clip's own config-file mechanism."""
+    global _inline_dir
+    register_model_configs()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise CheckpointError(source, f"model name '{name}' is not a plain config name")
+    known = open_clip.get_model_config(name)
+    if known is not None:
+        if known != config:
+            raise CheckpointError(source, f"sidecar's config for model '{name}' differs from the known config of that name")
+        return
+    if _inline_dir is None:
+        _inline_dir = Path(tempfile.mkdtemp(prefix="r2m-model-configs-"))
+        atexit.register(shutil.rmtree, _inline_dir, True)
+    (_inline_dir / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(_inline_dir / f"{name}.json")
+    if open_clip.get_model_config(name) is None:  # open_clip skips configs without these
+        raise CheckpointError(source, f"model '{name}': config needs 'embed_dim', 'vision_cfg' and 'text_cfg'")
+
+
+def sidecar_model_name(model: dict | None, source: Path | str = "<sidecar>") -> str | None:
+    """The open_clip name in a sidecar's `model` entry, its inline `config` registered first."""
+    if not model or "name" not in model:
+        return None
+    if "config" in model:
+        register_inline_config(model["name"], model["config"], source)
+    return model["name"]
 
 
 def pick_device() -> torch.device:
@@ -128,10 +164,10 @@ def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device
     """A detector with the weights of a checkpoint; the model config comes from its sidecar by default."""
     ckpt = load_checkpoint(path)
     if model_cfg is None:
-        model = ckpt.meta.get("model") or {}
-        if "name" not in model:
+        name = sidecar_model_name(ckpt.meta.get("model"), path)
+        if name is None:
             raise CheckpointError(path, "sidecar has no 'model.name'; pass the model config explicitly")
-        model_cfg = ModelConfig(name=model["name"])
+        model_cfg = ModelConfig(name=name)
     else:
         model_cfg = ModelConfig(name=model_cfg.name)  # weights come from the file, never from a hub
     detector = build_detector(model_cfg)
