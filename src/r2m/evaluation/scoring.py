@@ -39,7 +39,9 @@ def model_info(name: str, path: Path | str, kind: str | None = None) -> ModelInf
     meta = read_meta(path)
     kind = kind or meta.get("kind", "merged")
     generator = meta.get("generator") if kind == "specialist" else None
-    return ModelInfo(name, kind, generator, str(path), meta.get("sha256") or file_sha256(path))
+    families = meta.get("families") or []
+    family = families[0] if kind == "specialist" and len(families) == 1 else None
+    return ModelInfo(name, kind, generator, str(path), meta.get("sha256") or file_sha256(path), family)
 
 
 def default_model_name(path: Path | str) -> str:

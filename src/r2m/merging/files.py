@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from r2m.checkpoint import file_sha256, read_meta, sidecar_path, write_json
-from r2m.errors import MergeError
+from r2m.errors import MergeError, check_output_file
 from r2m.merging.registry import get_method
 from r2m.merging.stream import DiskScratch, SafetensorsSink, SafetensorsSource
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
@@ -67,7 +67,7 @@ def merge_files(
     hp = spec.resolve(hparams or {})
     pretrained = Path(pretrained)
     specialists = [Path(s) for s in specialists]
-    out = Path(out)
+    out = check_output_file(out, MergeError)
     if not specialists:
         raise MergeError("no specialists to merge: give at least one --specialist")
     if device and device.startswith("cuda") and not torch.cuda.is_available():

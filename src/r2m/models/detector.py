@@ -115,6 +115,7 @@ class Detector(nn.Module):
                 raise CheckpointError(
                     source, f"key '{key}' has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}"
                 )
+        check_loaded_tensors(tensors, own, source)
         backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
         self.backbone.load_state_dict(backbone, strict=True)
         if has_head:
@@ -132,6 +133,20 @@ def feature_width(visual: nn.Module) -> int:
     if is_timm_tower(visual):
         return visual.trunk.num_features
     return visual.proj.shape[0] if visual.proj is not None else visual.output_dim
+
+
+def check_loaded_tensors(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Refuse weights a model would load silently wrong, naming file and key.
+
+    `load_state_dict` casts an integer tensor into a float parameter without a word (merge refuses
+    the same file), and a NaN/Inf weight only shows later as "non-finite scores" of a whole task.
+    Integer buffers of the model itself (e.g. BatchNorm's `num_batches_tracked`) stay integers.
+    """
+    for key, value in tensors.items():
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(source, f"key '{key}' is {value.dtype}, expected a floating-point tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(source, f"key '{key}' holds NaN or Inf values")
 
 
 def _create_visual(model_cfg: ModelConfig) -> nn.Module:
@@ -170,6 +185,10 @@ def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device
         model_cfg = ModelConfig(name=name)
     else:
         model_cfg = ModelConfig(name=model_cfg.name)  # weights come from the file, never from a hub
+    missing_head = [k for k in HEAD_KEYS if k not in ckpt.tensors]
+    if missing_head:  # a pretrained θ0 (backbone only) would be scored with a random head
+        raise CheckpointError(path, f"no trained head (no key '{missing_head[0]}'): a backbone-only file such as "
+                                    "θ0 cannot score images; give a specialist or merged checkpoint")
     detector = build_detector(model_cfg)
     detector.load_checkpoint_tensors(ckpt.tensors, source=path)
     return detector.to(device).eval()
