@@ -23,10 +23,9 @@ import pytest
 import yaml
 from fixtures import LOOP, add, loop_params, state
 
+import r2m as r2m_package
 from r2m.pipeline import run_once
-from r2m.pipeline.lock import LoopBusy, project_lock
 from r2m.tracking import mlflow_store, registry
-from r2m.tracking.artifacts import resolve_checkpoint
 
 STRICT_GATE = {**LOOP["gate"], "min_auc": 1.01}  # nothing passes
 
@@ -46,8 +45,10 @@ def write_params(project: Path, **extra) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump({**LOOP, **extra}, sort_keys=False))
 
 
-def r2m(project: Path, *args: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "R2M_PROJECT_ROOT": str(project), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+def cli(project: Path, *args: str, **popen) -> subprocess.Popen:
+    src = str(Path(r2m_package.__file__).resolve().parents[1])  # the r2m under test, whatever the cwd
+    env = {**os.environ, "R2M_PROJECT_ROOT": str(project), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.Popen([sys.executable, "-m", "r2m.cli", *args], cwd=project, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
@@ -81,9 +82,9 @@ def test_changed_gate_is_a_new_version_and_old_tags_stay_byte_identical(project,
 
 def test_two_r2m_runs_a_second_apart_onboard_once(project, data_root):
     write_params(project)
-    first = r2m(project, "run", "-q")
+    first = cli(project, "run", "-q")
     time.sleep(1.0)
-    second = r2m(project, "run", "-q")
+    second = cli(project, "run", "-q")
     outs = [p.communicate(timeout=900) for p in (first, second)]
     assert [p.returncode for p in (first, second)] == [0, 0], outs
     waited = [err for _, err in outs if "waiting for the r2m loop run holding" in err]
@@ -95,10 +96,12 @@ def test_two_r2m_runs_a_second_apart_onboard_once(project, data_root):
 
 
 def test_no_wait_refuses_in_one_line_while_the_lock_is_held(project, data_root):
+    from r2m.pipeline.lock import LoopBusy, project_lock
+
     write_params(project)
     params = loop_params(project)
     with project_lock(params) as path:
-        busy = r2m(project, "run", "-q", "--no-wait")
+        busy = cli(project, "run", "-q", "--no-wait")
         out, err = busy.communicate(timeout=300)
         assert busy.returncode == 2, (out, err)
         assert err.count("\n") == 1 and "another r2m loop run holds" in err and str(path) in err
@@ -115,6 +118,8 @@ def files_under(root: Path) -> dict[str, int]:
 
 
 def test_a_copied_then_moved_project_runs_on_its_own_files(project, data_root, monkeypatch):
+    from r2m.tracking.artifacts import resolve_checkpoint
+
     first = run_once(loop_params(project), progress=False)
     assert first.candidate.version == "2"
     original = files_under(project)
@@ -129,6 +134,7 @@ def test_a_copied_then_moved_project_runs_on_its_own_files(project, data_root, m
     assert [s.generator for s in report.onboarded] == ["sq3-ff"] and report.candidate.version == "3"
     assert state(params)["champion"] == "3" and state(params)["published"] == [1, 2, 3]
     assert files_under(project) == original  # the original was not written to
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # no store leaks from one project to the next
     client = mlflow_store.client(params)
     for mv in all_versions(client):
         assert resolve_checkpoint(params, client, mv).is_relative_to(copy), (mv.name, mv.version)
@@ -177,7 +183,7 @@ def test_rollback_and_promote_move_what_the_running_server_serves(project, data_
     png = (data_root / "sq-ff" / "real").glob("*.png").__next__().read_bytes()
 
     port = _free_port()
-    server = r2m(project, "serve", "--port", str(port))
+    server = cli(project, "serve", "--port", str(port))
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         deadline = time.monotonic() + 120
@@ -196,7 +202,7 @@ def test_rollback_and_promote_move_what_the_running_server_serves(project, data_
         assert released.version == "2"  # promoted and published: the server moves to it
         assert _answering(client, "2", png) == {"repository_version": 2, "registry_version": "2"}
 
-        rollback = r2m(project, "rollback")
+        rollback = cli(project, "rollback")
         out, err = rollback.communicate(timeout=300)
         assert rollback.returncode == 0, err
         assert "champion: r2m-detector v1 (was v2" in out and "serving: r2m_detector/1" in out
@@ -207,7 +213,7 @@ def test_rollback_and_promote_move_what_the_running_server_serves(project, data_
         assert state(params)["published"] == [1, 2]
         assert _answering(client, "1", png, timeout_s=2) == {"repository_version": 1, "registry_version": "1"}
 
-        promote = r2m(project, "promote", "2")
+        promote = cli(project, "promote", "2")
         out, err = promote.communicate(timeout=300)
         assert promote.returncode == 0 and "serving: r2m_detector/2" in out, err
         assert _answering(client, "2", png) == {"repository_version": 2, "registry_version": "2"}
@@ -280,7 +286,7 @@ def test_kill_between_promote_and_publish_leaves_no_challenger_on_the_champion(p
 def test_run_killed_with_sigkill_is_finished_by_the_next_run(project, data_root):
     """A real kill -9 of `r2m run` while it re-merges: the lock dies with it; the rerun converges."""
     write_params(project)
-    child = r2m(project, "run", "-q")
+    child = cli(project, "run", "-q")
     candidates = project / "artifacts" / "candidates"
     deadline = time.monotonic() + 300
     while not candidates.exists():
@@ -289,7 +295,7 @@ def test_run_killed_with_sigkill_is_finished_by_the_next_run(project, data_root)
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)
-    rerun = r2m(project, "run", "-q", "--no-wait")  # the lock was released by the kernel
+    rerun = cli(project, "run", "-q", "--no-wait")  # the lock was released by the kernel
     out, err = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, err
     end = state(loop_params(project))

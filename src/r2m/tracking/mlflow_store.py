@@ -53,8 +53,17 @@ def client(params: Params):
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         relocate_store(params)
+    # MLflow also exports these to MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which r2m reads as
+    # the user's override: left there, the next project loaded in this process (or any child
+    # process) would silently use this project's store. Keep the environment as it was.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
