@@ -118,8 +118,6 @@ def files_under(root: Path) -> dict[str, int]:
 
 
 def test_a_copied_then_moved_project_runs_on_its_own_files(project, data_root, monkeypatch):
-    from r2m.tracking.artifacts import resolve_checkpoint
-
     first = run_once(loop_params(project), progress=False)
     assert first.candidate.version == "2"
     original = files_under(project)
@@ -135,6 +133,8 @@ def test_a_copied_then_moved_project_runs_on_its_own_files(project, data_root, m
     assert state(params)["champion"] == "3" and state(params)["published"] == [1, 2, 3]
     assert files_under(project) == original  # the original was not written to
     assert "MLFLOW_TRACKING_URI" not in os.environ  # no store leaks from one project to the next
+    from r2m.tracking.artifacts import resolve_checkpoint
+
     client = mlflow_store.client(params)
     for mv in all_versions(client):
         assert resolve_checkpoint(params, client, mv).is_relative_to(copy), (mv.name, mv.version)
