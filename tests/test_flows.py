@@ -189,7 +189,8 @@ def test_terminated_run_is_finished_by_the_next_one(prefect_server, loop_project
     project = loop_project
     shutil.rmtree(project / "data" / "generators" / "sq2-ff")  # one specialist is enough here
     params_file = str(project / "params.yaml")
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(REPO),
+    env = {**os.environ, "PREFECT_API_URL": prefect_server,
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]),  # flows/ and the r2m under test
            "R2M_PROJECT_ROOT": str(project), "OMP_NUM_THREADS": "1"}
     log = project / "watch.log"
     with log.open("w") as out:
