@@ -10,7 +10,10 @@ same steps with the same idempotence: a specialist is keyed by its data/θ0/reci
 candidate by its specialists, both in MLflow, so a rerun after a crash redoes only what is
 missing. Heavy steps (training, re-merge + evaluation, export) hold the global concurrency
 limit `r2m-compute` (`flow.compute_slots`, 1 by default), so two flow runs never train at the
-same time on a small host. Transient failures (I/O, a locked SQLite store) are retried
+same time on a small host. Each flow run also holds the project lock of `r2m run`
+(`r2m.pipeline.lock`, a file lock on `<artifacts>/.r2m.lock`) from before the scan to the end,
+so a flow run, `r2m run` and another flow run on the same project never overlap: a second
+start waits for the first and then finds its work done. Transient failures (I/O, a locked SQLite store) are retried
 `flow.retries` times; an `R2MError` (bad data, a failed check or gate) is not, since the same
 input fails the same way. Every run leaves table/markdown artifacts: the datasets found, the
 specialists, and the gate report with links to the MLflow runs.
@@ -38,7 +41,9 @@ from r2m.config import Params, load_params
 from r2m.data import GeneratorDataset
 from r2m.errors import DatasetError, R2MError
 from r2m.models import ensure_pretrained
-from r2m.pipeline.loop import ensure_all_in_one, is_released, onboarded_check, pending_steps
+from r2m.pipeline.lock import project_lock
+from r2m.pipeline.loop import clean_leftovers, ensure_all_in_one, is_released, onboarded_check, pending_steps
+from r2m.pipeline.promotion import serve_champion
 from r2m.pipeline.safety import SpecialistCheck
 from r2m.pipeline.specialists import ACCEPTED
 from r2m.tracking import mlflow_store, registry
@@ -201,6 +206,7 @@ def onboard_and_release(params: Params, pretrained: Path, found: pipeline.Scan,
             step(accepted, final=False)
     report.specialists = accepted
     report.candidate = step(accepted, final=True)
+    serve_champion(params, mlflow_store.client(params))  # also after a rollback or a kill mid-release
     report.champion = current_champion(params)
     publish_reports(params, report)
     logger = get_run_logger()
@@ -214,9 +220,11 @@ def watch(params_file: str | None = None) -> pipeline.LoopReport:
     """Scan the data root and onboard every new seen generator dataset (the scheduled flow)."""
     params = load_params(params_file)
     ensure_compute_limit(params)
-    pretrained = prepare_theta0.with_options(**retry_options(params))(params)
-    found = scan_data_root(params, pretrained)
-    return onboard_and_release(params, pretrained, found, found.to_onboard)
+    with project_lock(params, on_wait=get_run_logger().warning):
+        clean_leftovers(params)
+        pretrained = prepare_theta0.with_options(**retry_options(params))(params)
+        found = scan_data_root(params, pretrained)
+        return onboard_and_release(params, pretrained, found, found.to_onboard)
 
 
 @flow(name="r2m-onboard")
@@ -224,16 +232,18 @@ def onboard(generators: list[str] | None = None, params_file: str | None = None)
     """Onboard the named seen datasets (None: every new one), then re-merge, gate and release."""
     params = load_params(params_file)
     ensure_compute_limit(params)
-    pretrained = prepare_theta0.with_options(**retry_options(params))(params)
-    found = scan_data_root(params, pretrained)
-    if generators is None:
-        return onboard_and_release(params, pretrained, found, found.to_onboard)
-    by_name = {d.name: d for d in found.seen}
-    missing = [g for g in generators if g not in by_name]
-    if missing:
-        raise DatasetError(params.path("data_root") / missing[0],
-                           "no valid seen generator dataset of that name under the data root")
-    return onboard_and_release(params, pretrained, found, [by_name[g] for g in generators])
+    with project_lock(params, on_wait=get_run_logger().warning):
+        clean_leftovers(params)
+        pretrained = prepare_theta0.with_options(**retry_options(params))(params)
+        found = scan_data_root(params, pretrained)
+        if generators is None:
+            return onboard_and_release(params, pretrained, found, found.to_onboard)
+        by_name = {d.name: d for d in found.seen}
+        missing = [g for g in generators if g not in by_name]
+        if missing:
+            raise DatasetError(params.path("data_root") / missing[0],
+                               "no valid seen generator dataset of that name under the data root")
+        return onboard_and_release(params, pretrained, found, [by_name[g] for g in generators])
 
 
 # --------------------------------------------------------------------------------- reports

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from fixtures import make_generator_dataset  # noqa: E402,F401
+from fixtures import loop_params, make_data, make_generator_dataset, seed_mlflow_store  # noqa: E402,F401
 
 from r2m.config import Params, load_params  # noqa: E402
 
@@ -39,3 +39,34 @@ def params(project) -> Params:
         model={"name": "r2m-tiny", "lr": 3e-4},
         train=FAST_TRAIN,
     )
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """θ0 and the two first specialists of `make_data`, trained once for the session (training is
+    deterministic, so the loop recognises them by data hash, θ0 and recipe and does not train
+    them again)."""
+    from r2m.data import validate_dataset
+    from r2m.models import ensure_pretrained
+    from r2m.pipeline.specialists import checkpoint_path
+    from r2m.training import train_specialist
+
+    project = tmp_path_factory.mktemp("trained")
+    root = make_data(project / "data" / "generators")
+    params = loop_params(project)
+    pretrained = ensure_pretrained(params)
+    for name in ("sq-ff", "sq2-ff"):
+        dataset = validate_dataset(root / name, root, params.data)
+        train_specialist([dataset], params, checkpoint_path(dataset, params), pretrained=pretrained,
+                         name=name, progress=False)
+    return project / "artifacts"
+
+
+@pytest.fixture
+def data_root(project, trained):
+    """A project holding `make_data`'s datasets, the trained specialists and an empty MLflow store."""
+    import shutil
+
+    shutil.copytree(trained, project / "artifacts")
+    seed_mlflow_store(project)
+    return make_data(project / "data" / "generators")

@@ -87,3 +87,56 @@ def seed_mlflow_store(project: Path) -> Path:
     target = Path(project) / "mlflow.db"
     shutil.copyfile(_MLFLOW_TEMPLATE["db"], target)
     return target
+
+
+# ------------------------------------------------------------- the loop on tiny data (shared)
+
+LOOP = {
+    "model": {"name": "r2m-tiny", "lr": 3e-4},
+    "train": {"epochs": 2, "batch_size": 16},
+    "flow": {"all_in_one": False, "min_specialist_val_auc": 0.6},
+    "merge": {"select": False},
+    "export": {"int8": False, "parity_samples": 16, "exporter": "torchscript"},
+    # these tests are about the loop's mechanics; the gate's rules have their own tests
+    "gate": {"max_drop": 1.0, "min_gain_macro": -1.0, "max_regression": 1.0, "min_auc": 0.0},
+}
+
+
+def loop_params(project, **overrides):
+    from r2m.config import load_params
+
+    return load_params(root=project, **{**LOOP, **overrides})
+
+
+def add(root, name, **kw):
+    kw.setdefault("n_per_class", 32)
+    kw.setdefault("groups", 8)
+    return make_generator_dataset(root, name, **kw)
+
+
+def versions(client, model):
+    try:
+        return sorted(int(mv.version) for mv in client.search_model_versions(f"name='{model}'"))
+    except Exception:
+        return []
+
+
+def state(params):
+    """What a run leaves behind that must converge: registry versions, aliases, published versions."""
+    from r2m.export.publish import list_versions
+    from r2m.tracking import mlflow_store, registry
+
+    client = mlflow_store.client(params)
+    models = {rm.name: versions(client, rm.name) for rm in client.search_registered_models()}
+    return {
+        "models": models,
+        "champion": registry.alias_version(client, registry.CHAMPION),
+        "published": list_versions(params.path("model_repository")),
+    }
+
+
+def make_data(root):
+    add(root, "sq-ff", family="FS", seed=1)
+    add(root, "sq2-ff", family="FR", seed=2)
+    add(root, "sq-un", role="unseen", family="other", seed=3)
+    return root

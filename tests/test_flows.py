@@ -189,7 +189,8 @@ def test_terminated_run_is_finished_by_the_next_one(prefect_server, loop_project
     project = loop_project
     shutil.rmtree(project / "data" / "generators" / "sq2-ff")  # one specialist is enough here
     params_file = str(project / "params.yaml")
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(REPO),
+    env = {**os.environ, "PREFECT_API_URL": prefect_server,
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]),  # flows/ and the r2m under test
            "R2M_PROJECT_ROOT": str(project), "OMP_NUM_THREADS": "1"}
     log = project / "watch.log"
     with log.open("w") as out:
@@ -213,3 +214,23 @@ def test_terminated_run_is_finished_by_the_next_one(prefect_server, loop_project
     assert end["models"]["specialist-sq-ff"] == [1]
     assert end["models"][registry.DETECTOR] == [1]
     assert end["champion"] == "1" and end["published"] == [1]
+
+
+def test_flow_waits_for_the_project_lock(prefect_server, project):
+    """The flows take `r2m run`'s project lock: while another run holds it, `watch` does nothing."""
+    from r2m.pipeline.lock import project_lock
+
+    (project / "params.yaml").write_text(yaml.safe_dump(LOOP, sort_keys=False))
+    bad = make_generator_dataset(project / "data" / "generators", "broken", seed=5)
+    shutil.rmtree(bad / "fake")  # invalid: a watch run that gets going quarantines it
+    params_file = str(project / "params.yaml")
+    params = load_params(params_file)
+    result: dict = {}
+    with project_lock(params):
+        runner = threading.Thread(target=lambda: result.update(report=watch(params_file=params_file)))
+        runner.start()
+        time.sleep(8)
+        assert runner.is_alive() and bad.exists()  # waiting: nothing scanned or quarantined
+    runner.join(timeout=300)
+    assert not runner.is_alive() and not bad.exists()
+    assert [r.path.name for r in result["report"].scan.rejected] == ["broken"]

@@ -6,85 +6,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from fixtures import make_generator_dataset, seed_mlflow_store
+from fixtures import LOOP, add, loop_params, state
 
-from r2m.config import load_params
-from r2m.export.publish import list_versions
 from r2m.pipeline import run_once
 from r2m.tracking import mlflow_store, registry
-
-LOOP = {
-    "model": {"name": "r2m-tiny", "lr": 3e-4},
-    "train": {"epochs": 2, "batch_size": 16},
-    "flow": {"all_in_one": False, "min_specialist_val_auc": 0.6},
-    "merge": {"select": False},
-    "export": {"int8": False, "parity_samples": 16, "exporter": "torchscript"},
-    # these tests are about the loop's mechanics; the gate's rules have their own tests
-    "gate": {"max_drop": 1.0, "min_gain_macro": -1.0, "max_regression": 1.0, "min_auc": 0.0},
-}
-
-
-def loop_params(project, **overrides):
-    return load_params(root=project, **{**LOOP, **overrides})
-
-
-def add(root, name, **kw):
-    kw.setdefault("n_per_class", 32)
-    kw.setdefault("groups", 8)
-    return make_generator_dataset(root, name, **kw)
-
-
-def versions(client, model):
-    try:
-        return sorted(int(mv.version) for mv in client.search_model_versions(f"name='{model}'"))
-    except Exception:
-        return []
-
-
-def state(params):
-    """What a run leaves behind that must converge: registry versions, aliases, published versions."""
-    client = mlflow_store.client(params)
-    models = {rm.name: versions(client, rm.name) for rm in client.search_registered_models()}
-    return {
-        "models": models,
-        "champion": registry.alias_version(client, registry.CHAMPION),
-        "published": list_versions(params.path("model_repository")),
-    }
-
-
-def make_data(root):
-    add(root, "sq-ff", family="FS", seed=1)
-    add(root, "sq2-ff", family="FR", seed=2)
-    add(root, "sq-un", role="unseen", family="other", seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """θ0 and the two first specialists, trained once for the module (training is deterministic,
-    so the loop recognises them by data hash, θ0 and recipe and does not train them again)."""
-    from r2m.models import ensure_pretrained
-    from r2m.pipeline.specialists import checkpoint_path
-    from r2m.training import train_specialist
-    from r2m.data import validate_dataset
-
-    project = tmp_path_factory.mktemp("trained")
-    root = make_data(project / "data" / "generators")
-    params = loop_params(project)
-    pretrained = ensure_pretrained(params)
-    for name in ("sq-ff", "sq2-ff"):
-        dataset = validate_dataset(root / name, root, params.data)
-        train_specialist([dataset], params, checkpoint_path(dataset, params), pretrained=pretrained,
-                         name=name, progress=False)
-    return project / "artifacts"
-
-
-@pytest.fixture
-def data_root(project, trained):
-    shutil.copytree(trained, project / "artifacts")
-    seed_mlflow_store(project)
-    return make_data(project / "data" / "generators")
-
 
 def test_first_onboarding_then_nothing_new_then_one_new(project, data_root):
     params = loop_params(project, flow={**LOOP["flow"], "all_in_one": True})

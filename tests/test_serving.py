@@ -24,7 +24,7 @@ from r2m.config import ModelConfig, load_params
 from r2m.data.transforms import to_pixel_array
 from r2m.export.metadata import INPUT, OUTPUTS
 from r2m.export.onnx_export import export_checkpoint
-from r2m.export.publish import MODEL_NAME, publish
+from r2m.export.publish import MODEL_NAME, point_serving, publish
 from r2m.models import build_detector, load_detector
 from r2m.serving.model_store import ModelStore, open_session
 
@@ -192,8 +192,10 @@ def test_broken_version_is_skipped_in_process(server, tmp_path):
     broken = repo / MODEL_NAME / "5"
     broken.mkdir()
     (broken / "model.onnx").write_bytes(b"not an onnx model")
+    point_serving(repo, 5)  # config.pbtxt names the broken version
     store = ModelStore(repo)
-    assert store.refresh().version == 1 and 5 in store.failed
+    assert store.refresh().version == 1 and 5 in store.failed  # nothing served yet: the next one that loads
+    assert store.refresh().version == 1  # and a served version is kept while the named one fails
 
 
 def test_hot_reload_switches_version_without_failing_requests(server):

@@ -24,25 +24,41 @@ def promote(
     force: bool = typer.Option(False, "--force", help="Promote even a version whose gate failed."),
     params_file: Path = PARAMS,
 ) -> None:
-    """Move `champion` to a detector version (the old champion becomes `previous-champion`)."""
+    """Move `champion` to a detector version (the old champion becomes `previous-champion`);
+    the model repository then serves it."""
+    from r2m.config import load_params
+    from r2m.pipeline import promotion
     from r2m.tracking import registry
+    from r2m.tracking.mlflow_store import client
 
-    move = registry.promote(_client(params_file), version, force=force)
+    params = load_params(params_file)
+    move, served = promotion.promote(params, client(params), version, force=force)
     if not move.changed:
         typer.echo(f"{registry.DETECTOR} v{move.champion} is already champion")
-        return
-    typer.echo(f"champion: {registry.DETECTOR} v{move.champion} "
-               f"(previous-champion: {'v' + move.previous_champion if move.previous_champion else 'none'})")
+    else:
+        typer.echo(f"champion: {registry.DETECTOR} v{move.champion} "
+                   f"(previous-champion: {'v' + move.previous_champion if move.previous_champion else 'none'})")
+    _echo_served(served)
+
+
+def _echo_served(served) -> None:
+    if served is not None:
+        typer.echo(f"serving: {served.parent.parent.name}/{served.parent.name} ({served})")
 
 
 @command("rollback")
 def rollback(params_file: Path = PARAMS) -> None:
-    """Move `champion` back to `previous-champion`."""
+    """Move `champion` back to `previous-champion`; the model repository then serves it."""
+    from r2m.config import load_params
+    from r2m.pipeline import promotion
     from r2m.tracking import registry
+    from r2m.tracking.mlflow_store import client
 
-    move = registry.rollback(_client(params_file))
+    params = load_params(params_file)
+    move, served = promotion.rollback(params, client(params))
     typer.echo(f"champion: {registry.DETECTOR} v{move.champion} (was v{move.replaced}; "
                f"previous-champion: {'v' + move.previous_champion if move.previous_champion else 'none'})")
+    _echo_served(served)
 
 
 @command("models")

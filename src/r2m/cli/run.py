@@ -13,6 +13,8 @@ from r2m.cli import command
 def run(
     params_file: Path = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Refuse (exit 2) instead of waiting when another "
+                                 "run holds the project lock (artifacts/.r2m.lock)."),
 ) -> None:
     """Run the continual loop once on the configured data root.
 
@@ -20,7 +22,8 @@ def run(
     generators one at a time: fine-tunes and registers its specialist, re-merges all accepted
     specialists with R²M, evaluates and gates the candidate in MLflow, and — only if it passes —
     exports it to ONNX, moves `champion` and publishes it to the model repository. Running again
-    with nothing new changes nothing.
+    with nothing new changes nothing. One run at a time per project: a second `r2m run` (or a
+    flow run) waits for the first to finish, then finds its work done.
     """
     from r2m.config import load_params
     from r2m.export.runtime import import_onnxruntime
@@ -29,6 +32,7 @@ def run(
     from r2m.pipeline import run_once
 
     params = load_params(params_file)
-    report = run_once(params, progress=not quiet)
+    report = run_once(params, progress=not quiet, wait=not no_wait,
+                      on_wait=lambda line: typer.echo(f"r2m run: {line}", err=True))
     for line in report.lines():
         typer.echo(line)

@@ -19,7 +19,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: serve.threads)."),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
 ) -> None:
-    """Serve the newest published detector over HTTP with ONNX Runtime; hot-reloads new versions.
+    """Serve the published detector config.pbtxt names (the champion) over HTTP with ONNX Runtime; hot-reloads.
 
     GET /healthz, POST /v1/detect (multipart `file`), POST /v2/models/r2m_detector/infer (Open
     Inference Protocol), GET /v2/models/r2m_detector. Binds to loopback unless --host says otherwise.

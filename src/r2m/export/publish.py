@@ -7,11 +7,18 @@
 Triton, KServe's Triton runtime and `r2m serve` all read this layout. Publishing is atomic:
 the version is assembled in a hidden temp folder inside the model folder and renamed into
 place, so a reader polling the repository sees a version whole or not at all.
+
+Which version is served is said by config.pbtxt itself, in Triton's own terms:
+`version_policy: { specific: { versions: [ N ] } }`. Publishing points it at the new version
+once that version is in place; `point_serving` points it at an older one (a rollback), so
+what is served follows the registry's `champion` both ways, for Triton (poll mode) and for
+`r2m serve` alike. The config is rewritten atomically (temp file + rename).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -76,12 +83,49 @@ def _tensor_block(io: dict, batched: bool, where: str) -> str:
     return "\n".join(lines)
 
 
+_POLICY = re.compile(r"^version_policy\s*:.*$", re.M)
+_SPECIFIC = re.compile(r"^version_policy\s*:\s*\{\s*specific\s*:\s*\{\s*versions\s*:\s*\[\s*(\d+)\s*\]", re.M)
+
+
+def version_policy(version: int | None) -> str:
+    """The config.pbtxt line choosing the served version (None: Triton's newest)."""
+    if version is None:
+        return "version_policy: { latest: { num_versions: 1 } }"
+    return f"version_policy: {{ specific: {{ versions: [ {int(version)} ] }} }}"
+
+
+def served_version(repository: Path | str, name: str = MODEL_NAME) -> int | None:
+    """The version config.pbtxt names to serve, or None (no config, or Triton's `latest` policy)."""
+    path = model_dir(repository, name) / CONFIG_FILE
+    try:
+        match = _SPECIFIC.search(path.read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def point_serving(repository: Path | str, version: int, name: str = MODEL_NAME) -> None:
+    """Serve published `version` (already complete in the repository): rewrite config.pbtxt's
+    version policy, atomically; every other line of the config is kept."""
+    folder = model_dir(repository, name)
+    if not (folder / str(version) / MODEL_FILE).is_file():
+        raise ExportError(f"{folder / str(version)}: no published {MODEL_FILE} to serve")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: no config.pbtxt; publish a version first")
+    text = path.read_text()
+    line = version_policy(version)
+    text = _POLICY.sub(line, text, count=1) if _POLICY.search(text) else text.rstrip("\n") + f"\n{line}\n"
+    _write_atomic(path, text)
+
+
 def triton_config(onnx_path: Path | str, cfg: ExportConfig, name: str = MODEL_NAME,
-                  instance_kind: str | None = None) -> str:
+                  instance_kind: str | None = None, version: int | None = None) -> str:
     """config.pbtxt text from the ONNX file's actual input/output names, dtypes and shapes.
 
     Dynamic batching up to `export.triton_max_batch_size`; one instance group of
-    `export.triton_instance_kind` (KIND_AUTO: GPU where present, else CPU).
+    `export.triton_instance_kind` (KIND_AUTO: GPU where present, else CPU); serving `version`
+    (None: the newest).
     """
     sig = io_signature(onnx_path)
     batched = cfg.triton_max_batch_size > 0
@@ -101,7 +145,7 @@ def triton_config(onnx_path: Path | str, cfg: ExportConfig, name: str = MODEL_NA
         f"  max_queue_delay_microseconds: {cfg.triton_max_queue_delay_us}\n"
         f"}}\n"
         f"instance_group [\n  {{\n    count: {cfg.triton_instance_count}\n    kind: {kind}\n  }}\n]\n"
-        f"version_policy: {{ latest: {{ num_versions: 1 }} }}\n"
+        f"{version_policy(version)}\n"
     )
 
 
@@ -116,7 +160,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, name: str = MODEL_NAME,
             instance_kind: str | None = None, attempts: int = 5) -> PublishedVersion:
-    """Copy a checked ONNX file into the repository as the next integer version, atomically."""
+    """Copy a checked ONNX file into the repository as the next integer version, atomically,
+    then point config.pbtxt at it (the server switches once the version is whole)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ExportError(f"{onnx_path}: no such ONNX file")
@@ -125,7 +170,7 @@ def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, na
     folder = model_dir(repository, name)
     check_output_file(folder / CONFIG_FILE, ExportError, "model repository")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / CONFIG_FILE, triton_config(onnx_path, cfg, name, instance_kind))
+    triton_config(onnx_path, cfg, name, instance_kind)  # refuses I/O Triton cannot describe, before copying
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".publish-"))
     try:
         with open(onnx_path, "rb") as src, open(staging / MODEL_FILE, "wb") as dst:
@@ -138,10 +183,12 @@ def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, na
             version = max(taken, default=0) + 1
             try:
                 os.rename(staging, folder / str(version))  # fails if another publisher took it
-                return PublishedVersion(name, version, folder / str(version) / MODEL_FILE)
             except OSError:
                 if not (folder / str(version)).exists():
                     raise
+                continue
+            _write_atomic(folder / CONFIG_FILE, triton_config(onnx_path, cfg, name, instance_kind, version))
+            return PublishedVersion(name, version, folder / str(version) / MODEL_FILE)
         raise ExportError(f"{folder}: could not claim a new version after {attempts} attempts")
     finally:
         if staging.exists():

@@ -6,8 +6,13 @@ enabled, the All-in-one model are scored beside it for comparison in the same ML
 candidate is registered as a version of `r2m-detector` whatever the verdict: a failed one is
 tagged `gate=failed` with the reason and never touches `champion`.
 
-Idempotent: a candidate is keyed by its specialists' versions and the merge settings; when a
-detector version with that key exists, nothing is merged or registered again.
+Idempotent: a candidate is keyed by its specialists' versions, the merge settings and the gate
+settings; when a detector version with that key exists, nothing is merged or registered again.
+History is immutable: the version is created with its verdict, lineage, key and artifact URI
+in one call and never retagged. A changed gate gives a new key, hence a new evaluation: a new
+merge run and a new detector version (the same merged checkpoint, judged again), while the
+earlier version keeps the verdict it was given. A kill between the merge run and the version
+leaves a finished run with no version; the rerun evaluates again (scores come from the cache).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from r2m.merging import select
 from r2m.merging.files import merge_files
 from r2m.pipeline.specialists import Specialist
 from r2m.tracking import registry, runs
+from r2m.tracking.artifacts import ARTIFACT_URI_TAG, checkpoint_uri, resolve_checkpoint
 
 CANDIDATE_KEY = "candidate_key"
 CHAMPION_MODEL = "champion"
@@ -66,23 +72,22 @@ def find_candidate(client, tag: str, value: str):
     return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def _from_version(mv, reused: bool) -> Candidate:
+def _from_version(mv, reused: bool, params: Params, client) -> Candidate:
     tags = mv.tags
     return Candidate(
         key=tags.get(CANDIDATE_KEY, ""), version=str(mv.version), method=tags.get("method", ""),
-        hparams=json.loads(tags.get("hparams", "{}")), path=Path(tags.get("local_path", "")),
+        hparams=json.loads(tags.get("hparams", "{}")), path=resolve_checkpoint(params, client, mv),
         sha256=tags.get("sha256", ""), gate_passed=tags.get("gate") == "passed",
         gate_reason=tags.get("gate_reason", ""), run_id=mv.run_id or "", reused=reused,
     )
 
 
-def champion_checkpoint(client) -> Path | None:
-    """The local merged checkpoint of the current champion, if there is one."""
+def champion_checkpoint(params: Params, client) -> Path | None:
+    """The merged checkpoint of the current champion (resolved from its artifact URI), if any."""
     version = registry.alias_version(client, registry.CHAMPION)
     if version is None:
         return None
-    path = Path(registry.get_version(client, version).tags.get("local_path", ""))
-    return path if path.is_file() else None
+    return resolve_checkpoint(params, client, registry.get_version(client, version))
 
 
 def configured_hparams(method: str, params: Params) -> dict:
@@ -146,7 +151,7 @@ def remerge(
     key = candidate_key(specialists, params)
     existing = find_candidate(client, CANDIDATE_KEY, key)
     if existing is not None:  # the key is the last tag written: this candidate is complete
-        return _from_version(existing, reused=True)
+        return _from_version(existing, True, params, client)
 
     folder = params.path("artifacts") / "candidates" / key[:16]
     paths = [s.path for s in specialists]
@@ -161,7 +166,7 @@ def remerge(
     kinds = {}
     if all_in_one is not None:
         models["all-in-one"] = all_in_one
-    champion = champion_checkpoint(client)
+    champion = champion_checkpoint(params, client)
     if champion is not None:
         models[CHAMPION_MODEL] = champion
         kinds[CHAMPION_MODEL] = "champion"
@@ -182,15 +187,10 @@ def remerge(
         tags={CANDIDATE_KEY: key}, mlflow_client=client,
     )
     lineage = {s.generator: {"version": s.version, "data_hash": s.data_hash} for s in specialists}
-    # merging is deterministic: a version registered before a crash carries the same sha256
-    mv = find_candidate(client, "sha256", meta["sha256"]) or registry.register_candidate(client, run_id, gate_passed=gate.passed, gate_reason=gate.reason,
-                                                 meta=meta, specialists=lineage)
-    for tag, value in {
-        "local_path": str(candidate_path.resolve()),
-        "hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True),
-        "gate": "passed" if gate.passed else "failed",
-        "gate_reason": gate.reason[:4000],
-        CANDIDATE_KEY: key,  # last: marks the candidate complete
-    }.items():
-        client.set_model_version_tag(registry.DETECTOR, str(mv.version), tag, value)
-    return _from_version(client.get_model_version(registry.DETECTOR, str(mv.version)), reused=False)
+    mv = registry.register_candidate(client, run_id, gate_passed=gate.passed, gate_reason=gate.reason, meta=meta,
+                                     specialists=lineage, tags={
+                                         ARTIFACT_URI_TAG: checkpoint_uri(run_id, candidate_path.name),
+                                         "hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True),
+                                         CANDIDATE_KEY: key,
+                                     })
+    return _from_version(client.get_model_version(registry.DETECTOR, str(mv.version)), False, params, client)

@@ -11,6 +11,12 @@ one (over every accepted specialist) also scores the baselines and All-in-one.
 Crash-safe: the steps still owed are derived from the registry (accepted specialists registered
 after the newest settled candidate, i.e. one that failed the gate or was released), so a rerun
 after a kill redoes exactly the missing steps, in order, and finishes a release a kill cut short.
+What a kill -9 leaves in the folders the loop owns (`….tmp` files of unfinished atomic writes,
+a checkpoint without its sidecar) is removed first (`clean_leftovers`), and every run ends by
+making the repository serve `champion` (`serve_champion`).
+
+One run at a time per project: `run_once` holds the project lock (`r2m.pipeline.lock`) from
+before the scan to the end, as the Prefect flows do.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from r2m.checkpoint import file_sha256
+from r2m.checkpoint import file_sha256, sidecar_path
 from r2m.config import Params
 from r2m.models import ensure_pretrained
 from r2m.pipeline.candidate import Candidate, remerge
 from r2m.pipeline.external import has_external
-from r2m.pipeline.promotion import PUBLISHED_TAG, Release, release
+from r2m.pipeline.lock import project_lock
+from r2m.pipeline.promotion import PUBLISHED_TAG, Release, release, serve_champion
 from r2m.pipeline.safety import SpecialistCheck
 from r2m.pipeline.scan import Scan, scan
 from r2m.pipeline.specialists import ACCEPTED, Specialist, is_onboarded, onboard_specialist, registered_specialists
@@ -119,8 +126,49 @@ def pending_steps(client, accepted: list[Specialist]) -> list[list[Specialist]]:
     return [[a for a in history if a.registered_at <= s.registered_at] for s in owed]
 
 
-def run_once(params: Params, *, progress: bool = True) -> LoopReport:
-    """The loop once, without Prefect (`r2m run`); `flows/continual.py` takes the same steps as tasks."""
+# the folders only the loop writes (under the project lock), and where a kill leaves debris
+OWNED_FOLDERS = ("specialists", "candidates", "all-in-one", "onnx", "scores", "cache")
+
+
+def clean_leftovers(params: Params) -> list[Path]:
+    """Remove what a killed run left in the loop's folders under `artifacts/`: temp files of
+    atomic writes (`….tmp`), unfinished downloads, and checkpoints without their
+    sidecar (the sidecar is written last, so such a file is unfinished). Call it holding the
+    project lock. Returns what was removed."""
+    import shutil
+
+    removed: list[Path] = []
+    artifacts = params.path("artifacts")
+    for name in OWNED_FOLDERS:
+        folder = artifacts / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.is_dir() and path.name.startswith(".download-"):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif path.is_file() and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+            elif path.is_file() and path.suffix == ".safetensors" and not sidecar_path(path).is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    for path in removed:
+        log.warning("removed %s left by an interrupted run", path)
+    return removed
+
+
+def run_once(params: Params, *, progress: bool = True, wait: bool = True, on_wait=None) -> LoopReport:
+    """The loop once, without Prefect (`r2m run`); `flows/continual.py` takes the same steps as tasks.
+
+    Holds the project lock throughout: another run in progress is waited for (`wait`, telling
+    `on_wait`), or refused with `LoopBusy`."""
+    with project_lock(params, wait=wait, on_wait=on_wait):
+        clean_leftovers(params)
+        return _run_locked(params, progress)
+
+
+def _run_locked(params: Params, progress: bool) -> LoopReport:
     client = mlflow_store.client(params)
     pretrained = ensure_pretrained(params, progress=progress)
     found = scan(params, onboarded_check(params, client, pretrained))
@@ -157,5 +205,6 @@ def run_once(params: Params, *, progress: bool = True) -> LoopReport:
             step(accepted, final=False)
     report.specialists = accepted
     report.candidate = step(accepted, final=True)
+    serve_champion(params, client)  # also after a rollback, or a kill between promote and publish
     report.champion = registry.alias_version(client, registry.CHAMPION)
     return report

@@ -3,7 +3,9 @@
 A specialist is identified by (generator, data hash, θ0 hash, recipe hash), recorded as tags
 on its version of the registered model `specialist-<generator>`. Onboarding is idempotent: a
 version with the same identity is reused; a checkpoint already trained (crash before
-registration) is registered without training again.
+registration) is registered without training again. A version is created with every tag at
+once (identity, verdict, `artifact_uri`), so it is complete or absent, and never rewritten;
+its checkpoint is found through the artifact URI (`r2m.tracking.artifacts`), not a local path.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from r2m.config import Params
 from r2m.data import GeneratorDataset
 from r2m.pipeline.safety import SpecialistCheck, check_specialist
 from r2m.tracking import mlflow_store, registry, runs
+from r2m.tracking.artifacts import ARTIFACT_URI_TAG, checkpoint_uri, resolve_checkpoint
 from r2m.training.specialist import recipe, train_specialist
 
 ACCEPTED, REJECTED = "accepted", "rejected"
@@ -53,12 +56,12 @@ def checkpoint_path(dataset: GeneratorDataset, params: Params) -> Path:
     return params.path("artifacts") / "specialists" / f"{dataset.name}-{dataset.data_hash[:12]}.safetensors"
 
 
-def _from_version(mv) -> Specialist:
+def _from_version(mv, params: Params, client) -> Specialist:
     tags = mv.tags
     return Specialist(
         generator=tags.get("generator", ""),
         version=str(mv.version),
-        path=Path(tags.get("local_path", "")),
+        path=resolve_checkpoint(params, client, mv),
         data_hash=tags.get("data_hash", ""),
         val_auc=float(tags.get("val_auc", "nan")),
         status=tags.get("status", ""),
@@ -94,7 +97,7 @@ def registered_specialists(params: Params, generators: Sequence[str], client=Non
     for generator in generators:
         accepted = [mv for mv in _versions(client, generator) if mv.tags.get("status") == ACCEPTED]
         if accepted:
-            found.append(_from_version(accepted[-1]))
+            found.append(_from_version(accepted[-1], params, client))
     return found
 
 
@@ -120,7 +123,7 @@ def onboard_specialist(
     ident = identity(dataset, params, theta0)
     mv = find_version(client, dataset.name, ident)
     if mv is not None and mv.tags.get("status") in (ACCEPTED, REJECTED):
-        return _from_version(mv), None
+        return _from_version(mv, params, client), None
 
     path = checkpoint_path(dataset, params)
     meta = read_meta(path) if path.is_file() else {}
@@ -133,21 +136,22 @@ def onboard_specialist(
     trusted = [(by_name[s.generator], s.path) for s in accepted if s.generator != dataset.name and s.generator in by_name]
     check = check_specialist(dataset, path, float(meta["metrics"]["val_auc"]), trusted,
                              pretrained=pretrained, params=params)
-    if mv is None:  # a crash after registration but before the status leaves mv without status
-        run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client, extra_metrics={
-            "check/real_disagreement": check.real_disagreement, "check/task_vector_cosine": check.task_vector_cosine,
-        })
-        client.set_tag(run_id, "status", ACCEPTED if check.accepted else REJECTED)
-        mv = registry.register_specialist(client, run_id, meta)
-    name = registry.specialist_model_name(dataset.name)
-    for key, value in {
-        "local_path": str(path.resolve()),
+    status = ACCEPTED if check.accepted else REJECTED
+    verdict = {
         "val_auc": f"{check.val_auc:.6f}",
         "family": dataset.family,
         "domain": dataset.domain,
         "status_reason": check.reason,
-    }.items():
-        client.set_model_version_tag(name, str(mv.version), key, value)
-    status = ACCEPTED if check.accepted else REJECTED
-    client.set_model_version_tag(name, str(mv.version), "status", status)  # last: marks it complete
-    return _from_version(client.get_model_version(name, str(mv.version))), check
+        "status": status,
+    }
+    name = registry.specialist_model_name(dataset.name)
+    if mv is None:
+        run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client, extra_metrics={
+            "check/real_disagreement": check.real_disagreement, "check/task_vector_cosine": check.task_vector_cosine,
+        })
+        client.set_tag(run_id, "status", status)
+        mv = registry.register_specialist(client, run_id, meta, tags={
+            ARTIFACT_URI_TAG: checkpoint_uri(run_id, path.name), **verdict})
+    else:  # a version left without its verdict by an older release: add what it lacks, rewrite nothing
+        registry.set_tags_once(client, name, mv.version, verdict)
+    return _from_version(client.get_model_version(name, str(mv.version)), params, client), check

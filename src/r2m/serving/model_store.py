@@ -1,9 +1,11 @@
 """The served model and its hot reload (SPEC section 8).
 
 `ModelStore` holds one `LoadedModel` (an ONNX Runtime session + what its metadata says). A
-poller checks the repository every `serve.poll_interval_s`; when the newest complete version
-differs from the served one (a publish, or a rollback that removed versions), it loads the new
-session *beside* the old one and swaps a single reference. A request reads that reference
+poller checks the repository every `serve.poll_interval_s`; when the version to serve differs
+from the served one, it loads the new session *beside* the old one and swaps a single
+reference. The version to serve is the one config.pbtxt's `version_policy: { specific: ... }`
+names (publishing points it at the new version, a rollback at the restored champion's; see
+`r2m.export.publish`), else the newest complete version. A request reads that reference
 once and keeps its `LoadedModel` to the end, so requests in flight finish on the old session,
 which is freed when the last of them drops it. A version that fails to load is logged, skipped
 and the current one keeps serving.
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from r2m.export.metadata import parse_metadata
-from r2m.export.publish import MODEL_FILE, MODEL_NAME, list_versions, model_dir
+from r2m.export.publish import MODEL_FILE, MODEL_NAME, list_versions, model_dir, served_version
 from r2m.export.runtime import import_onnxruntime
 from r2m.serving.preprocess import Preprocessing
 
@@ -99,11 +101,22 @@ class ModelStore:
     def failed(self) -> dict[int, str]:
         return dict(self._failed)
 
+    def wanted(self) -> list[int]:
+        """Versions to try, best first: the one config.pbtxt names (when it is published), else
+        the newest; without anything served yet, every other version after it, newest first."""
+        versions = list_versions(self.repository, self.name)
+        named = served_version(self.repository, self.name)
+        if named in versions:
+            rest = [v for v in reversed(versions) if v != named]
+            return [named, *(rest if self._current is None else [])]
+        return list(reversed(versions))
+
     def refresh(self) -> LoadedModel | None:
-        """Serve the newest version that loads; no-op when it is already served."""
+        """Serve the version config.pbtxt names (else the newest) if it loads; no-op when it is
+        already served; a version that fails to load is skipped and the current one kept."""
         with self._load_lock:
             current = self._current
-            for version in reversed(list_versions(self.repository, self.name)):
+            for version in self.wanted():
                 if current is not None and version == current.version:
                     return current
                 if version in self._failed:

@@ -6,6 +6,12 @@ both at the project root (`params.tracking_uri`, `params.path("mlflow_artifacts"
 Browse with:
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
+
+MLflow writes absolute artifact locations into a SQLite store (each experiment's
+`artifact_location`, each run's `artifact_uri`). A project moved or copied with its store and
+its artifact folder would then read and write the *original* folder (or fail when it is gone);
+`relocate_store` rewrites those locations to this project's artifact folder before the store
+is opened (only where the artifacts are actually here), so the project is relocatable.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from r2m.config import Params
 
@@ -44,14 +52,78 @@ def client(params: Params):
     uri = params.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        relocate_store(params)
+    # MLflow also exports these to MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which r2m reads as
+    # the user's override: left there, the next project loaded in this process (or any child
+    # process) would silently use this project's store. Keep the environment as it was.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def artifact_root(params: Params) -> Path:
     """The local artifact folder (`mlartifacts/` at the project root by default)."""
     return params.path("mlflow_artifacts").resolve()
+
+
+def experiment_folder(name: str) -> str:
+    """The folder of experiment `name` under the artifact root."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _local(location: str) -> Path | None:
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and location.startswith("/"):
+        return Path(location)
+    return None
+
+
+def relocate_store(params: Params) -> list[tuple[str, str]]:
+    """Point a moved or copied SQLite store at this project's artifact folder.
+
+    For each r2m experiment whose artifact location is `<old root>/<its folder>` with
+    `<old root>` not this project's artifact root, while `<artifact root>/<its folder>` exists
+    here (the artifacts came along), rewrite the `<old root>` prefix of every experiment
+    location and run artifact URI to this root. Returns the (old, new) prefixes rewritten.
+    """
+    db = Path(params.tracking_uri.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return []
+    root = artifact_root(params)
+    names = (EXPERIMENT_SPECIALISTS, EXPERIMENT_MERGES)
+    con = sqlite3.connect(str(db), timeout=60)
+    try:
+        try:
+            rows = con.execute("SELECT name, artifact_location FROM experiments WHERE name IN (?, ?)", names).fetchall()
+        except sqlite3.OperationalError:  # an empty file: MLflow has not created its tables yet
+            return []
+        moves: set[tuple[Path, Path]] = set()
+        for name, location in rows:
+            path = _local(location or "")
+            if path is None or path.name != experiment_folder(name) or path.parent == root:
+                continue
+            if (root / path.name).is_dir():
+                moves.add((path.parent, root))
+        done = []
+        for old, new in sorted(moves):
+            for o, n in ((old.as_uri(), new.as_uri()), (str(old), str(new))):
+                prefix = o + "/"
+                for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                f"WHERE substr({column}, 1, ?) = ?", (n, len(o) + 1, len(prefix), prefix))
+            done.append((str(old), str(new)))
+        con.commit()
+        return done
+    finally:
+        con.close()
 
 
 def experiment_id(params: Params, name: str, mlflow_client=None) -> str:
@@ -65,7 +137,7 @@ def experiment_id(params: Params, name: str, mlflow_client=None) -> str:
         return found.experiment_id
     location = None
     if is_local(params.tracking_uri):
-        folder = artifact_root(params) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        folder = artifact_root(params) / experiment_folder(name)
         folder.mkdir(parents=True, exist_ok=True)
         location = folder.as_uri()
     return c.create_experiment(name, artifact_location=location)

@@ -8,7 +8,12 @@
 - lineage tags on detector versions: data hashes -> specialist versions -> merged checkpoint ->
   ONNX sha256 once exported.
 
-Versions point at safetensors artifacts of a run (`runs:/<run>/checkpoint`), never at pickles.
+Versions point at safetensors artifacts of a run (`runs:/<run>/checkpoint`), never at pickles,
+nor at a path on one machine. History is immutable: a version is created with every tag of
+its evaluation at once (verdict, lineage, hashes, artifact URI), in one call, and those tags
+are never written again; a later evaluation (e.g. a changed gate) is a new version. Tags added
+later (the export's, `published_version`) are each written once (`set_tags_once`). Only the
+alias bookkeeping (`promoted_over`, `rolled_back`) follows the aliases.
 Alias moves keep `champion` valid at every step: `champion` is written last, and if that
 write fails `previous-champion` is put back as it was.
 """
@@ -67,9 +72,20 @@ def tag_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def register_specialist(client, run_id: str, meta: Mapping, *, artifact_path: str = CHECKPOINT_ARTIFACTS):
+def set_tags_once(client, model: str, version: str | int, tags: Mapping[str, str]) -> dict[str, str]:
+    """Write each tag the version does not have yet; an existing tag is never rewritten.
+    Returns the tags written."""
+    have = client.get_model_version(model, str(version)).tags
+    written = {k: tag_value(v) for k, v in tags.items() if k not in have}
+    for key, value in written.items():
+        client.set_model_version_tag(model, str(version), key, value)
+    return written
+
+
+def register_specialist(client, run_id: str, meta: Mapping, *, artifact_path: str = CHECKPOINT_ARTIFACTS,
+                        tags: Mapping[str, str] | None = None):
     """A new version of `specialist-<generator>` from a run's checkpoint artifacts, tagged with
-    data_hash, theta0_sha256, recipe and the checkpoint's sha256."""
+    data_hash, theta0_sha256, recipe and the checkpoint's sha256 (plus `tags`), all at once."""
     generator = meta.get("generator")
     if not generator:
         raise RegistryError("specialist checkpoint meta has no 'generator'")
@@ -82,6 +98,7 @@ def register_specialist(client, run_id: str, meta: Mapping, *, artifact_path: st
         "recipe": tag_value(meta.get("recipe", {})),
         "sha256": meta.get("sha256", ""),
         "kind": meta.get("kind", "specialist"),
+        **{k: tag_value(v) for k, v in (tags or {}).items()},
     }
     return client.create_model_version(
         name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
@@ -110,9 +127,10 @@ def register_candidate(
     specialists: Mapping[str, Mapping] | None = None,
     artifact_path: str = CHECKPOINT_ARTIFACTS,
     challenger: bool = True,
+    tags: Mapping[str, str] | None = None,
 ):
-    """A new `r2m-detector` version for a merged candidate, tagged with the gate verdict and the
-    lineage; `challenger` points at it. It never touches `champion` (see `promote`)."""
+    """A new `r2m-detector` version for a merged candidate, created with the gate verdict, the
+    lineage and `tags` in one call; `challenger` points at it. It never touches `champion`."""
     ensure_registered_model(client, DETECTOR, "The deployed deepfake detector (merged specialists).")
     meta = dict(meta or {})
     tags = {
@@ -122,6 +140,7 @@ def register_candidate(
         "theta0_sha256": meta.get("theta0_sha256", ""),
         "method": tag_value(meta.get("method", "")),
         **lineage_tags(specialists or {}),
+        **{k: tag_value(v) for k, v in (tags or {}).items()},
     }
     mv = client.create_model_version(
         DETECTOR, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
@@ -133,11 +152,10 @@ def register_candidate(
 
 
 def tag_export(client, version: str | int, onnx_sha256: str, **more: str) -> None:
-    """Close the lineage: the ONNX file exported from this version (and e.g. its repository path)."""
+    """Close the lineage: the ONNX file exported from this version (and e.g. its artifact URI).
+    Written once: a version's export tags are never replaced."""
     get_version(client, version)
-    client.set_model_version_tag(DETECTOR, str(version), "onnx_sha256", onnx_sha256)
-    for key, value in more.items():
-        client.set_model_version_tag(DETECTOR, str(version), key, tag_value(value))
+    set_tags_once(client, DETECTOR, version, {"onnx_sha256": onnx_sha256, **more})
 
 
 @dataclass(frozen=True)
@@ -160,6 +178,15 @@ def _set_or_delete(client, alias: str, version: str | None) -> None:
         client.set_registered_model_alias(DETECTOR, alias, version)
 
 
+def refuse_failed(mv, force: bool = False) -> None:
+    """`RegistryError` for a version whose gate failed (unless `force`)."""
+    if mv.tags.get("gate") == "failed" and not force:
+        raise RegistryError(
+            f"{DETECTOR} v{mv.version} failed the gate ({mv.tags.get('gate_reason', 'no reason recorded')}); "
+            "refusing to promote it"
+        )
+
+
 def promote(client, version: str | int, *, force: bool = False) -> AliasMove:
     """`champion` -> `version`, the old champion -> `previous-champion`.
 
@@ -168,14 +195,15 @@ def promote(client, version: str | int, *, force: bool = False) -> AliasMove:
     """
     version = str(version)
     mv = get_version(client, version)
-    if mv.tags.get("gate") == "failed" and not force:
-        raise RegistryError(
-            f"{DETECTOR} v{version} failed the gate ({mv.tags.get('gate_reason', 'no reason recorded')}); "
-            "refusing to promote it"
-        )
+    refuse_failed(mv, force)
     old = alias_version(client, CHAMPION)
     old_previous = alias_version(client, PREVIOUS)
     if old == version:
+        # already champion; finish what a kill after the champion write may have left undone
+        if "promoted_over" not in mv.tags:
+            client.set_model_version_tag(DETECTOR, version, "promoted_over", old_previous or "")
+        if alias_version(client, CHALLENGER) == version:
+            _set_or_delete(client, CHALLENGER, None)
         return AliasMove(version, old_previous, old, changed=False)
     if old is not None:
         client.set_registered_model_alias(DETECTOR, PREVIOUS, old)

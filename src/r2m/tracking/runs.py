@@ -65,6 +65,14 @@ def _log_params(c, run_id: str, values: Mapping[str, str]) -> None:
         c.log_batch(run_id, params=items[i:i + 90])
 
 
+def _project_relative(params: Params, path: Path | str) -> str:
+    """`path` relative to the project root when it lies inside it (runs stay valid when the project moves)."""
+    try:
+        return str(Path(path).resolve().relative_to(params.root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def log_checkpoint(c, run_id: str, path: Path | str, artifact_path: str = CHECKPOINT_ARTIFACTS) -> None:
     """The safetensors file and its JSON sidecar as run artifacts."""
     path = Path(path)
@@ -98,7 +106,7 @@ def log_specialist_run(
         "sha256": tag_value(meta.get("sha256", "")),
     }
     if dataset is not None:
-        tags.update(family=dataset.family, domain=dataset.domain, dataset_root=str(dataset.root))
+        tags.update(family=dataset.family, domain=dataset.domain, dataset_root=_project_relative(params, dataset.root))
     run = c.create_run(experiment_id(params, EXPERIMENT_SPECIALISTS, c),
                        run_name=f"specialist-{generator}", tags=tags)
     run_id = run.info.run_id

@@ -1,0 +1,109 @@
+"""Registry references are MLflow artifact URIs; this turns them into local files (SPEC section 7).
+
+A registered checkpoint (a specialist or a detector version) is referenced by the tag
+`artifact_uri` = `runs:/<run id>/checkpoint/<file>.safetensors` (older versions: the version's
+`source` folder), never by a path on one machine. `resolve_checkpoint` finds the file:
+
+- a local store (SQLite + artifact folder): the run's own artifact folder, which after
+  `mlflow_store.relocate_store` is inside *this* project even when the project was moved or
+  copied;
+- any other store (a tracking server, issue 13): downloaded once into
+  `<artifacts>/cache/checkpoints/<sha256[:16]>/` and checked against the version's `sha256`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from r2m.checkpoint import file_sha256, read_meta, sidecar_path
+from r2m.config import Params
+from r2m.errors import RegistryError
+from r2m.tracking.registry import CHECKPOINT_ARTIFACTS
+
+ARTIFACT_URI_TAG = "artifact_uri"
+CACHE = Path("cache") / "checkpoints"
+
+
+def checkpoint_uri(run_id: str, filename: str, artifact_path: str = CHECKPOINT_ARTIFACTS) -> str:
+    """The MLflow URI of a checkpoint logged by `runs.log_checkpoint`."""
+    return f"runs:/{run_id}/{artifact_path}/{filename}"
+
+
+def parse_runs_uri(uri: str) -> tuple[str, str]:
+    """`runs:/<run id>/<path>` -> (run id, path)."""
+    if not uri.startswith("runs:/"):
+        raise RegistryError(f"'{uri}': not a runs:/ artifact URI")
+    run_id, _, rel = uri.removeprefix("runs:/").strip("/").partition("/")
+    if not run_id or not rel:
+        raise RegistryError(f"'{uri}': expected runs:/<run id>/<artifact path>")
+    return run_id, rel
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when the store keeps them on this machine."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
+
+
+def version_uri(client, mv) -> str:
+    """The checkpoint URI of a model version: its `artifact_uri` tag, else the safetensors file
+    in its `source` folder (versions registered before the tag existed)."""
+    uri = mv.tags.get(ARTIFACT_URI_TAG)
+    if uri:
+        return uri
+    source = mv.source or ""
+    if not source.startswith("runs:/"):
+        raise RegistryError(f"{mv.name} v{mv.version}: source '{source}' is not a runs:/ URI")
+    run_id, folder = parse_runs_uri(source)
+    files = [a.path for a in client.list_artifacts(run_id, folder) if a.path.endswith(".safetensors")]
+    if len(files) != 1:
+        raise RegistryError(f"{mv.name} v{mv.version}: expected one .safetensors file in {source}, found {files}")
+    return f"runs:/{run_id}/{files[0]}"
+
+
+def _matches(path: Path, sha256: str | None) -> bool:
+    if not path.is_file():
+        return False
+    return not sha256 or read_meta(path).get("sha256") == sha256
+
+
+def resolve_checkpoint(params: Params, client, mv) -> Path:
+    """The local safetensors file (with its sidecar) of model version `mv`."""
+    uri = version_uri(client, mv)
+    run_id, rel = parse_runs_uri(uri)
+    sha = mv.tags.get("sha256") or None
+    local = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if local is not None:
+        path = local / rel
+        if _matches(path, sha):
+            return path
+        raise RegistryError(f"{mv.name} v{mv.version}: {uri} is not in this project's artifact store ({path} "
+                            + ("missing" if not path.is_file() else "has another sha256") + ")")
+    cache = params.path("artifacts") / CACHE / (sha[:16] if sha else run_id)
+    path = cache / Path(rel).name
+    if _matches(path, sha) and (not sha or file_sha256(path) == sha):
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+    try:
+        folder = str(Path(rel).parent)
+        got = Path(client.download_artifacts(run_id, folder, str(tmp)))
+        src = got / Path(rel).name
+        if not src.is_file():
+            raise RegistryError(f"{mv.name} v{mv.version}: {uri} has no file {Path(rel).name}")
+        if sha and file_sha256(src) != sha:
+            raise RegistryError(f"{mv.name} v{mv.version}: {uri} does not match the registered sha256 {sha[:12]}")
+        if sidecar_path(src).is_file():
+            os.replace(sidecar_path(src), sidecar_path(path))
+        os.replace(src, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
