@@ -30,7 +30,7 @@ from r2m.errors import CheckpointError, DatasetError
 from r2m.models import ensure_pretrained
 from r2m.models.detector import build_detector
 from r2m.pipeline.safety import SpecialistCheck, check_specialist, fake_scores
-from r2m.pipeline.specialists import ACCEPTED, REJECTED, Specialist, _from_version, _versions, registered_specialists
+from r2m.pipeline.specialists import ACCEPTED, REJECTED, Specialist, _from_version, _versions, register_checked, registered_specialists
 from r2m.tracking import mlflow_store, registry, runs
 
 EXTERNAL = "external"  # the `origin` tag of a version registered from outside
@@ -103,13 +103,13 @@ def register_external_specialist(
     for mv in _versions(client, generator):
         if mv.tags.get("sha256") == sha and mv.tags.get("data_hash") == dataset.data_hash \
                 and mv.tags.get("status") in (ACCEPTED, REJECTED):
-            return _from_version(mv), None
+            return _from_version(mv, params, client), None
     copy = params.path("artifacts") / "specialists" / EXTERNAL / f"{generator}-{sha[:12]}.safetensors"
     meta = {
         "kind": "specialist", "origin": EXTERNAL, "generator": generator, "generators": [generator],
         "families": [dataset.family], "domains": [dataset.domain], "data_hash": dataset.data_hash,
         "theta0_sha256": file_sha256(pretrained), "theta0_check": theta0_check,
-        "model": read_meta(pretrained).get("model"), "source": str(path.resolve()),
+        "model": read_meta(pretrained).get("model"), "source": path.name,
         "source_meta": {k: v for k, v in ckpt.meta.items() if k != "sha256"},
     }
     save_checkpoint(copy, ckpt.tensors, meta)  # the same tensors: the copy's sha256 is the file's
@@ -120,24 +120,5 @@ def register_external_specialist(
     by_name = {d.name: d for d in datasets}
     trusted = [(by_name[s.generator], s.path) for s in accepted if s.generator != generator]
     check = check_specialist(dataset, copy, val_auc, trusted, pretrained=pretrained, params=params)
-    status = ACCEPTED if check.accepted else REJECTED
-    run_id = runs.log_specialist_run(params, copy, dataset=dataset, mlflow_client=client, extra_metrics={
-        "check/real_disagreement": check.real_disagreement, "check/task_vector_cosine": check.task_vector_cosine,
-    })
-    client.set_tag(run_id, "status", status)
-    client.set_tag(run_id, "origin", EXTERNAL)
-    mv = registry.register_specialist(client, run_id, read_meta(copy))
-    name = registry.specialist_model_name(generator)
-    for key, value in {
-        "origin": EXTERNAL,
-        "theta0_check": theta0_check,
-        "source": str(path.resolve()),
-        "local_path": str(copy.resolve()),
-        "val_auc": f"{check.val_auc:.6f}",
-        "family": dataset.family,
-        "domain": dataset.domain,
-        "status_reason": check.reason,
-    }.items():
-        client.set_model_version_tag(name, str(mv.version), key, value)
-    client.set_model_version_tag(name, str(mv.version), "status", status)  # last: marks it complete
-    return _from_version(client.get_model_version(name, str(mv.version))), check
+    extra = {"origin": EXTERNAL, "theta0_check": theta0_check, "source": path.name}  # provenance, not a path to read
+    return register_checked(client, params, copy, dataset, check, read_meta(copy), extra), check

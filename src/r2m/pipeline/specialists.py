@@ -136,22 +136,36 @@ def onboard_specialist(
     trusted = [(by_name[s.generator], s.path) for s in accepted if s.generator != dataset.name and s.generator in by_name]
     check = check_specialist(dataset, path, float(meta["metrics"]["val_auc"]), trusted,
                              pretrained=pretrained, params=params)
-    status = ACCEPTED if check.accepted else REJECTED
-    verdict = {
+    name = registry.specialist_model_name(dataset.name)
+    if mv is None:
+        return register_checked(client, params, path, dataset, check, meta), check
+    # a version left without its verdict by an older release: add what it lacks, rewrite nothing
+    registry.set_tags_once(client, name, mv.version, _verdict(dataset, check))
+    return _from_version(client.get_model_version(name, str(mv.version)), params, client), check
+
+
+def _verdict(dataset: GeneratorDataset, check: SpecialistCheck) -> dict:
+    return {
         "val_auc": f"{check.val_auc:.6f}",
         "family": dataset.family,
         "domain": dataset.domain,
         "status_reason": check.reason,
-        "status": status,
+        "status": ACCEPTED if check.accepted else REJECTED,
     }
+
+
+def register_checked(client, params: Params, path: Path, dataset: GeneratorDataset, check: SpecialistCheck,
+                     meta: dict, extra_tags: dict | None = None) -> Specialist:
+    """Log the checked specialist's run and register it as a new version of `specialist-<generator>`
+    with every tag at once (identity, verdict, artifact URI, `extra_tags`)."""
+    verdict = _verdict(dataset, check)
+    run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client, extra_metrics={
+        "check/real_disagreement": check.real_disagreement, "check/task_vector_cosine": check.task_vector_cosine,
+    })
+    client.set_tag(run_id, "status", verdict["status"])
+    for key, value in (extra_tags or {}).items():
+        client.set_tag(run_id, key, value)
+    mv = registry.register_specialist(client, run_id, meta, tags={
+        ARTIFACT_URI_TAG: checkpoint_uri(run_id, path.name), **(extra_tags or {}), **verdict})
     name = registry.specialist_model_name(dataset.name)
-    if mv is None:
-        run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client, extra_metrics={
-            "check/real_disagreement": check.real_disagreement, "check/task_vector_cosine": check.task_vector_cosine,
-        })
-        client.set_tag(run_id, "status", status)
-        mv = registry.register_specialist(client, run_id, meta, tags={
-            ARTIFACT_URI_TAG: checkpoint_uri(run_id, path.name), **verdict})
-    else:  # a version left without its verdict by an older release: add what it lacks, rewrite nothing
-        registry.set_tags_once(client, name, mv.version, verdict)
-    return _from_version(client.get_model_version(name, str(mv.version)), params, client), check
+    return _from_version(client.get_model_version(name, str(mv.version)), params, client)
