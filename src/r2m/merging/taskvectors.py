@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from r2m.checkpoint import HEAD_KEYS
 from r2m.errors import MergeError
-from r2m.merging.stream import DictSink, MemoryScratch, Scratch, Sink, TensorSource, as_source
+from r2m.merging.stream import DictSink, DiskScratch, MemoryScratch, Scratch, Sink, TensorSource, as_source
 
 Kind = Literal["merge", "copy", "head"]
 
@@ -233,10 +233,14 @@ class TaskVectors:
     def layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         return [(p.key, p.shape, p.dtype) for p in self.plan]
 
-    def write(self, merged: Callable[[TensorPlan, torch.Tensor, torch.Tensor], torch.Tensor], with_theta0: bool = True, desc: str = "merge") -> Sink:
+    def sink(self, sink: Sink | None = None) -> Sink:
+        """The given sink, else the runtime's, else a new in-memory one."""
+        return sink or self.runtime.sink or DictSink(self.layout())
+
+    def write(self, merged: Callable[[TensorPlan, torch.Tensor, torch.Tensor], torch.Tensor], with_theta0: bool = True, desc: str = "merge", sink: Sink | None = None) -> Sink:
         """Emit every key in plan order: `merged(plan, θ0, stack)` for merged keys, mean heads,
         θ0 copies for non-floating keys. Returns the sink."""
-        sink = self.runtime.sink or DictSink(self.layout())
+        sink = self.sink(sink)
         stream = self.stream(with_theta0, desc)
         for p in self.plan:
             if p.kind == "merge":
@@ -257,8 +261,11 @@ class TaskVectors:
         state = sink.tensors if isinstance(sink, DictSink) else None
         return MergeResult(method, dict(hparams), state, diagnostics)
 
-    def scratch(self) -> Scratch:
-        return self.runtime.scratch if self.runtime.scratch is not None else MemoryScratch()
+    def new_scratch(self) -> Scratch:
+        """A further scratch of the runtime's kind (a `DiskScratch` in the same folder, else memory);
+        the caller closes it."""
+        s = self.runtime.scratch
+        return DiskScratch(s.directory) if isinstance(s, DiskScratch) else MemoryScratch()
 
 
 def read_into(source: TensorSource, key: str, out: torch.Tensor) -> None:
