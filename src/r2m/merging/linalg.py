@@ -2,12 +2,13 @@
 
 Truncation (SVD_r of A.5): the best rank-k approximation of W (m×n) is W V_k V_kᵀ with V_k the
 top-k eigenvectors of the small Gram matrix WᵀW (or U_k U_kᵀ W from WWᵀ when m < n). Chosen by
-measurement (bench/truncation_bench.py, bench/results/truncation_bench.md): the Gram is formed and
-eigendecomposed in float32 (torch.linalg.eigh), which was the fastest exact candidate at ViT-L
-shapes on 2 threads (float64 Gram + eigh, float32-Gram + float64 eigh, LAPACK ?syevr on the needed
-subset, torch.linalg.svd in float32/float64, eigenvalues alone as a bound for "eigvalsh + projector"
-were all slower) and stays the best rank-k approximation to float32 tolerance (tested against the
-Eckart–Young optimum). The projection is applied with the complement basis when k > p/2.
+measurement (bench/truncation_bench.py, bench/results/truncation_bench.md): the Gram is formed in
+float32 and eigendecomposed in float64 (torch.linalg.eigh), the fastest candidate that stays the
+best rank-k approximation to tolerance (tests/test_merging_grid.py, against the Eckart–Young optimum).
+float32 eigh was faster still but is not exact (up to 1.5 % above the optimum when σ_1/σ_k is large);
+float64 Gram + eigh (main before issue 14), LAPACK ?syevr on the needed subset (fast only for small
+k, and a grid needs most columns), torch.linalg.svd and eigenvalues alone (a lower bound for any
+"eigvalsh + projector") were slower. The projection uses the complement basis when k > p/2.
 
 One eigendecomposition serves every rank: the top-k subspaces are nested, so `Eigenbases` keeps
 the columns that a set of ranks needs (the top max-k for the ranks applied directly, the bottom
@@ -52,11 +53,12 @@ class Eigenbases:
         return self.low.shape[1]
 
     def basis(self, i: int, k: int) -> tuple[torch.Tensor, bool]:
-        """Specialist i's basis for rank k (contiguous float32) and whether it is kept or removed."""
+        """Specialist i's basis for rank k and whether it is kept or removed. Always a fresh copy:
+        BLAS rounds differently for differently aligned operands, and a grid's slice must give
+        bitwise the single rank's projection."""
         p, high = self.p, self.high.shape[2]
-        if _keep(k, p):
-            return self.high[i, :, high - k :].contiguous(), True
-        return self.low[i, :, : p - k].contiguous(), False
+        part, keep = (self.high[i, :, high - k :], True) if _keep(k, p) else (self.low[i, :, : p - k], False)
+        return torch.empty(part.shape, dtype=part.dtype, device=part.device).copy_(part), keep
 
     def project(self, w: torch.Tensor, i: int, k: int) -> torch.Tensor:
         """Rank-k truncation of specialist i's block w (m×n, on the bases' device)."""
@@ -73,14 +75,15 @@ class Eigenbases:
 
 
 def eigenbases(w: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Tensor, Eigenbases]:
-    """One float32 Gram eigendecomposition per matrix of the batch w (B×m×n), for every k in ks.
+    """One Gram eigendecomposition per matrix of the batch w (B×m×n), for every k in ks.
 
-    Returns (eigenvalues B×p ascending, float32; the bases the ks need). Every k must be < p."""
+    Returns (eigenvalues B×p ascending, float64; the bases the ks need). Every k must be < p."""
     _, m, n = w.shape
     p = min(m, n)
     right = m >= n
-    grams = w.transpose(1, 2) @ w if right else w @ w.transpose(1, 2)
-    evals, vecs = torch.linalg.eigh(grams)  # ascending, batched
+    grams = w.transpose(1, 2) @ w if right else w @ w.transpose(1, 2)  # float32 Gram
+    evals, vecs = torch.linalg.eigh(grams.to(torch.float64))  # float64 eigh (float32 eigh is not exact), ascending
+    vecs = vecs.to(torch.float32)
     high = max((k for k in ks if _keep(k, p)), default=0)
     low = max((p - k for k in ks if not _keep(k, p)), default=0)
     bases = Eigenbases(vecs[:, :, :low].contiguous(), vecs[:, :, p - high :].contiguous(), "right" if right else "left")
@@ -89,7 +92,7 @@ def eigenbases(w: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Tensor, Eigenb
 
 def kept_energy(evals: torch.Tensor, k: int) -> torch.Tensor:
     """‖W_k‖² per matrix from its Gram's ascending eigenvalues: the sum of the top k (float64)."""
-    return evals[:, evals.shape[1] - k :].to(torch.float64).clamp_min(0).sum(1)
+    return evals[:, evals.shape[1] - k :].clamp_min(0).sum(1)
 
 
 def block_view(delta: torch.Tensor, shape: tuple[int, int], blocks: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ w_i = m / (N (‖δ̃_i‖ + ε)), where ‖δ̃_i‖² is the sum of the top-k 
 
 One analysis serves a whole grid of (α, r, core, k) points (issue 14):
 
-1. `analyse` (reads the inputs once): G, and per (specialist, matrix block) ONE eigendecomposition
+1. `analyse` (reads the inputs once): G, and per (specialist, matrix block) ONE Gram eigendecomposition
    whose bases serve every rank r of the grid (top-k subspaces are nested); the per-rank norms
    ‖δ̃_i‖ come from the eigenvalues. Bases go to the scratch.
 2. `build` (reads the inputs once more, replays the bases): per core reading (and k) the base
@@ -85,7 +85,7 @@ def _block_ranks(sub: tuple[int, int], ranks: Sequence[float]) -> dict[float, in
 
 
 def analyse(tv: TaskVectors, *, ranks: Sequence[float] = (0.7,), rtol: float = 1e-5) -> Analysis:
-    """Pass 1: G, and per matrix block one float32 Gram eigendecomposition for all `ranks`."""
+    """Pass 1: G, and per matrix block one Gram eigendecomposition (linalg.eigenbases) for all `ranks`."""
     ranks = tuple(sorted(set(ranks)))
     for r in ranks:
         _check_rank(r)
