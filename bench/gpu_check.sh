@@ -55,7 +55,7 @@ if [[ -n "${DATA:-}" ]]; then DATA_ROOT=$DATA; else
   DATA_ROOT="$WORK/data"
   step "demo data (r2m demo-data, 64 images/class)" "$PY" -m r2m.cli demo-data --out "$DATA_ROOT" --size 64 --params "$PARAMS"
 fi
-GEN=$(ls -d "$DATA_ROOT"/*/ | head -1)
+GEN=$(dirname "$(grep -l "role: seen" "$DATA_ROOT"/*/generator.yaml | head -1)")  # a seen (trainable) dataset
 step "train one specialist on $DEVICE (mixed precision: $([[ $DEVICE == cuda ]] && echo on || echo off, CPU))" \
   "$PY" -m r2m.cli train "$GEN" --out "$WORK/specialist.safetensors" --params "$PARAMS"
 
@@ -66,7 +66,7 @@ from pathlib import Path
 sys.path.insert(0, "bench")
 from merge_bench import make_checkpoints
 from r2m.checkpoint import sidecar_path
-from r2m.merging.files import file_sha256
+from r2m.checkpoint import file_sha256
 folder = Path(sys.argv[1]); folder.mkdir(parents=True, exist_ok=True)
 make_checkpoints("ViT-L-14", 3, folder, layers=int(sys.argv[2]) if sys.argv[2] else None)
 sha = file_sha256(folder / "theta0.safetensors")
