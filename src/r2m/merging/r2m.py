@@ -315,17 +315,12 @@ def compose(tv: TaskVectors, parts: Parts, hp: dict, sink: Sink | None = None) -
     eta, diagnostics = point_coefficients(parts, hp)
     bases = iter(parts.cores[(hp["core"], hp["k"])][2].replay())
     residuals = iter(parts.residuals[hp["rank"]].scratch.replay())
-    sink = tv.sink(sink)
-    for p in tv.plan:
-        if p.kind == "merge":
-            (base,), (res,) = next(bases), next(residuals)
-            out = base if eta == 0.0 else torch.add(base, res, alpha=eta)
-            tv.require_finite(p.key, out)
-            sink.put(p.key, out.reshape(p.shape))
-        elif p.kind == "head":
-            sink.put(p.key, tv.mean_head(p.key))
-        else:
-            sink.put(p.key, tv.theta0.get(p.key))
+
+    def merged(p: TensorPlan) -> torch.Tensor:
+        (base,), (res,) = next(bases), next(residuals)
+        return base if eta == 0.0 else torch.add(base, res, alpha=eta)
+
+    sink = tv.emit(merged, sink)
     result = tv.result("r2m", _hparams(hp), sink, diagnostics)
     result.diagnostics["degenerate"] = None
     return result

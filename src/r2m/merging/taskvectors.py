@@ -238,23 +238,33 @@ class TaskVectors:
         return sink or self.runtime.sink or DictSink(self.layout())
 
     def write(self, merged: Callable[[TensorPlan, torch.Tensor, torch.Tensor], torch.Tensor], with_theta0: bool = True, desc: str = "merge", sink: Sink | None = None) -> Sink:
-        """Emit every key in plan order: `merged(plan, θ0, stack)` for merged keys, mean heads,
-        θ0 copies for non-floating keys. Returns the sink."""
-        sink = self.sink(sink)
+        """Emit every key in plan order: `merged(plan, θ0, stack)` for merged keys (inputs streamed),
+        the rest as `emit` does. Returns the sink."""
         stream = self.stream(with_theta0, desc)
+
+        def one(p: TensorPlan) -> torch.Tensor:
+            q, theta0, stack = next(stream)
+            assert q is p
+            return merged(p, theta0, stack)
+
+        sink = self.emit(one, sink)
+        for _ in stream:  # pragma: no cover - exhausts the generator (closes the prefetch pool)
+            pass
+        return sink
+
+    def emit(self, merged: Callable[[TensorPlan], torch.Tensor], sink: Sink | None = None) -> Sink:
+        """Every key in plan order: `merged(plan)` for merged keys (finite-checked), mean heads,
+        θ0 copies for non-floating keys. The one place that decides what each plan kind gets."""
+        sink = self.sink(sink)
         for p in self.plan:
             if p.kind == "merge":
-                q, theta0, stack = next(stream)
-                assert q is p
-                out = merged(p, theta0, stack)
+                out = merged(p)
                 self.require_finite(p.key, out)
                 sink.put(p.key, out.reshape(p.shape))
             elif p.kind == "head":
                 sink.put(p.key, self.mean_head(p.key))
             else:
                 sink.put(p.key, self.theta0.get(p.key))
-        for _ in stream:  # pragma: no cover - exhausts the generator (closes the prefetch pool)
-            pass
         return sink
 
     def result(self, method: str, hparams: dict, sink: Sink, diagnostics: dict) -> MergeResult:
