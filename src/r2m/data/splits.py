@@ -8,6 +8,7 @@ one photograph cannot leak from train into test.
 Groups are ranked by sha256(split seed, group id) and cut at the configured fractions, separately
 per *stratum* (the set of classes a group holds), so small datasets still get real and fake
 images in every split. Explicit assignments (manifest `splits` lists, per-sample `split`) win.
+An unseen (evaluation-only) dataset without them is all test (SPEC section 3).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def assign_splits(
     *,
     lists: Mapping[str, Iterable[str]] | None = None,
     fixed: Mapping[str, str] | None = None,
+    evaluation_only: bool = False,
 ) -> dict[str, str]:
     """Split every group of a dataset.
 
@@ -101,7 +103,8 @@ def assign_splits(
     decided per group (from per-sample `split` fields); `lists` are the manifest's explicit split
     lists. Explicit beats hashed: with `lists`, every group not fixed must be listed (the error
     names the ones that are not), and a group listed but absent from the data is an error too.
-    Without `lists`, the remaining groups are hashed per stratum of classes.
+    Without `lists`, the remaining groups are hashed per stratum of classes, or, for an
+    `evaluation_only` (unseen) dataset, all go to test: nothing of it trains or chooses anything.
     """
     fixed = dict(fixed or {})
     if lists is not None:
@@ -117,6 +120,8 @@ def assign_splits(
         if missing:
             raise ValueError(f"groups not listed in the manifest's splits: {_preview(missing)}")
         return fixed
+    if evaluation_only:
+        return {group: fixed.get(group, "test") for group in group_labels}
     strata: dict[tuple[int, ...], list[str]] = {}
     for group, labels in group_labels.items():
         if group not in fixed:

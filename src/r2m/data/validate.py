@@ -186,7 +186,8 @@ def _split_candidates(candidates: list[_Candidate], manifest: GeneratorManifest,
                 )
     lists = manifest.splits.model_dump() if manifest.splits is not None else None
     try:
-        assignment = assign_splits(group_labels, data_cfg.split_fractions, data_cfg.split_seed, lists=lists, fixed=fixed)
+        assignment = assign_splits(group_labels, data_cfg.split_fractions, data_cfg.split_seed, lists=lists, fixed=fixed,
+                                   evaluation_only=manifest.role == "unseen")
     except ValueError as err:
         raise DatasetError(dataset_dir / MANIFEST_NAME, str(err)) from None
     return [Sample(c.path, c.label, c.group, assignment[c.group]) for c in candidates]
@@ -207,15 +208,20 @@ def _check_classes_and_splits(samples: list[Sample], role: str, dataset_dir: Pat
         present = {s.label for s in samples if s.split == split}
         for label, word in ((REAL, "real"), (FAKE, "fake")):
             if label not in present:
-                groups = len({s.group for s in samples if s.label == label})
+                groups = sorted({s.group for s in samples if s.label == label})
+                n = sum(s.label == label for s in samples)
+                shown = ", ".join(f"'{g}'" for g in groups[:3]) + (f" ... (+{len(groups) - 3} more)" if len(groups) > 3 else "")
                 raise DatasetError(
                     dataset_dir,
-                    f"split '{split}' has no {word} images ({groups} {word} group(s) in the dataset; "
-                    f"a {role} dataset needs both classes in {', '.join(needed)}: add videos/sources or list splits)",
+                    f"split '{split}' has no {word} images: the {n} {word} image(s) form {len(groups)} group(s) "
+                    f"({shown}) and a group never straddles splits; a group is the video folder of "
+                    f"frames/<video_id>/ or the file name up to the first '__' (<source>__<n>.png). "
+                    f"A {role} dataset needs both classes in {', '.join(needed)}: name files "
+                    f"<source>__<n> by their source, add sources, or list splits in generator.yaml",
                 )
 
 
-def _check_images(candidates: list[_Candidate], max_pixels: int, name: str) -> dict[str, str]:
+def _check_images(candidates: list[_Candidate], data_cfg: DataConfig, name: str) -> dict[str, str]:
     """Decode every image fully; return key → sha256 of its bytes (read once for both)."""
     hashes = {}
     for c in tqdm(candidates, desc=f"validate {name}", unit="img", leave=False, disable=None):
@@ -223,7 +229,7 @@ def _check_images(candidates: list[_Candidate], max_pixels: int, name: str) -> d
             data = c.path.read_bytes()
         except OSError as err:
             raise DatasetError(c.path, f"cannot read: {err.strerror or err}") from None
-        decode_image(data, c.path, max_pixels)
+        decode_image(data, c.path, data_cfg.max_image_pixels, data_cfg.formats)
         hashes[c.key] = hashlib.sha256(data).hexdigest()
     return hashes
 
@@ -267,7 +273,7 @@ def validate_dataset(dataset_dir: Path | str, data_root: Path | str, data_cfg: D
         candidates = _folder_samples(manifest, folder, root, data_cfg)
     samples = _split_candidates(candidates, manifest, folder, data_cfg)
     _check_classes_and_splits(samples, manifest.role, folder)
-    digests = _check_images(candidates, data_cfg.max_image_pixels, manifest.name)
+    digests = _check_images(candidates, data_cfg, manifest.name)
     keyed = [(c.key, s.label, s.group, s.split, digests[c.key]) for c, s in zip(candidates, samples)]
     order = sorted(range(len(samples)), key=lambda i: keyed[i][0])
     return GeneratorDataset(

@@ -36,6 +36,7 @@ class ModelInfo:
     generator: str | None = None  # the specialist's own generator
     path: str | None = None
     sha256: str | None = None
+    family: str | None = None  # the specialist's forgery family (FS, FR, EFS...)
 
 
 @dataclass
@@ -74,17 +75,27 @@ def _get(auc: AUCMatrix, model: str, task: str) -> float:
 
 
 def reference_specialists(
-    auc: AUCMatrix, specialists: Mapping[str, str | None], seen: Sequence[str]
+    auc: AUCMatrix, specialists: Mapping[str, str | None], seen: Sequence[str],
+    task_families: Mapping[str, str] | None = None, specialist_families: Mapping[str, str | None] | None = None,
 ) -> dict[str, str]:
-    """The θ_i that DROP_i compares against: the specialist trained on task i (its generator is
-    the task), else -- a seen task with no own specialist, e.g. a cross-domain task of
-    Protocol 2 -- the best specialist on that task (paper Table A.2: "best specialist AUC")."""
+    """The θ_i that DROP_i compares against, for the seen tasks that have one: the specialist
+    trained on task i (its generator is the task); else -- Protocol 2, the same forgery family in
+    another domain -- the best specialist of the task's family (paper Table A.2: "best specialist
+    AUC"). A task with neither has no DROP: it never had a specialist to retain (shown "–")."""
     if not specialists:
         raise EvaluationError("DROP needs at least one specialist")
     own = {gen: name for name, gen in specialists.items() if gen}
-    return {
-        task: own.get(task) or max(specialists, key=lambda s: _get(auc, s, task)) for task in seen
-    }
+    task_families, specialist_families = task_families or {}, specialist_families or {}
+    reference = {}
+    for task in seen:
+        if task in own:
+            reference[task] = own[task]
+            continue
+        family = task_families.get(task)
+        same = [s for s in specialists if family is not None and specialist_families.get(s) == family]
+        if same:
+            reference[task] = max(same, key=lambda s: _get(auc, s, task))
+    return reference
 
 
 def drops(auc: AUCMatrix, candidate: str, reference: Mapping[str, str]) -> dict[str, float]:
@@ -166,7 +177,9 @@ def summarize(
     gain: dict[str, float] = {}
     gain_macro = best = None
     if specs:
-        reference = reference_specialists(auc, specs, seen)
+        task_families = {t.name: t.family for t in evaluation.tasks}
+        spec_families = {s: evaluation.models[s].family or task_families.get(g or "") for s, g in specs.items()}
+        reference = reference_specialists(auc, specs, seen, task_families, spec_families)
         drop = drops(auc, candidate, reference)
         gain = gains(auc, candidate, list(specs), unseen)
         if unseen:

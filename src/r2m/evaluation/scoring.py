@@ -25,7 +25,7 @@ from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import CheckpointError, EvaluationError
 from r2m.evaluation.metrics import task_metrics
 from r2m.evaluation.protocol import Evaluation, ModelInfo, Task
-from r2m.models.detector import Detector, image_size, load_detector, pick_device
+from r2m.models.detector import Detector, image_size, load_detector, pick_device, sidecar_model_name
 
 EVAL_BATCH_SIZE = 64
 
@@ -39,7 +39,9 @@ def model_info(name: str, path: Path | str, kind: str | None = None) -> ModelInf
     meta = read_meta(path)
     kind = kind or meta.get("kind", "merged")
     generator = meta.get("generator") if kind == "specialist" else None
-    return ModelInfo(name, kind, generator, str(path), meta.get("sha256") or file_sha256(path))
+    families = meta.get("families") or []
+    family = families[0] if kind == "specialist" and len(families) == 1 else None
+    return ModelInfo(name, kind, generator, str(path), meta.get("sha256") or file_sha256(path), family)
 
 
 def default_model_name(path: Path | str) -> str:
@@ -136,7 +138,7 @@ def evaluate_models(
     evaluation = Evaluation(tasks=[task_of(d) for d in datasets], models=infos, metrics={}, scores={})
     bar = tqdm(total=len(models) * len(datasets), desc="evaluate", disable=not progress, leave=False)
     for name, path in models.items():
-        model_name = read_meta(path).get("model", {}).get("name") or params.model.name
+        model_name = sidecar_model_name(read_meta(path).get("model"), path) or params.model.name
         size = image_size(model_name)
         evaluation.metrics[name], evaluation.scores[name] = {}, {}
         detector = None

@@ -23,15 +23,14 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from r2m.checkpoint import file_sha256, read_meta
 from r2m.config import ExportConfig, ModelConfig, Params
-from r2m.errors import ExportError
+from r2m.errors import ExportError, check_output_file
 from r2m.export.metadata import INPUT, OUTPUTS, check_model, metadata_entries, set_metadata
-from r2m.serving.model_store import open_session
+from r2m.serving.model_store import open_session, ort
 
 
 
@@ -269,7 +268,7 @@ def export_checkpoint(model_path: Path | str, out: Path | str, params: Params, d
     from r2m.models import load_detector
     from r2m.serving.preprocess import Preprocessing
 
-    model_path, out = Path(model_path), Path(out)
+    model_path, out = Path(model_path), check_output_file(out, ExportError)
     cfg = params.export
     int8 = cfg.int8 if int8 is None else int8
     meta = read_meta(model_path)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r2m.config import ExportConfig
-from r2m.errors import ExportError
+from r2m.errors import ExportError, check_output_file
 from r2m.export.metadata import check_model, io_signature, read_metadata
 
 MODEL_NAME = "r2m_detector"
@@ -123,6 +123,7 @@ def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, na
     check_model(onnx_path)
     read_metadata(onnx_path)  # refuses files without r2m metadata: the server needs it
     folder = model_dir(repository, name)
+    check_output_file(folder / CONFIG_FILE, ExportError, "model repository")
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomic(folder / CONFIG_FILE, triton_config(onnx_path, cfg, name, instance_kind))
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".publish-"))

@@ -28,8 +28,11 @@ def int8_path_for(fp32_path: Path | str) -> Path:
 
 def quantize_int8(fp32_path: Path | str, out: Path | str | None = None) -> Path:
     """Dynamic int8 quantisation; the r2m metadata is carried over with `r2m.precision = int8`."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from r2m.export.runtime import import_onnxruntime
+
+    quantization = import_onnxruntime("onnxruntime.quantization")
+    QuantType, quantize_dynamic = quantization.QuantType, quantization.quantize_dynamic
+    quant_pre_process = import_onnxruntime("onnxruntime.quantization.shape_inference").quant_pre_process
 
     from r2m.export.metadata import META_PRECISION, check_model, set_metadata
     from r2m.export.onnx_export import _atomic_target

@@ -16,7 +16,6 @@ import torch
 
 from r2m.errors import MergeError
 from r2m.merging.linalg import truncate_blocks
-from r2m.merging.r2m import matrix_shape
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors, TensorPlan, centred, row_sum, task_vectors, weight_mean
 
 
@@ -36,7 +35,7 @@ def cart(pretrained, specialists: Sequence, *, eta: float = 1.0, rank: float = 0
         if not p.blocks:
             return theta_avg
         start = time.perf_counter()
-        truncated, _ = truncate_blocks(centred(task_vectors(theta0, stack)), matrix_shape(p), p.blocks, rank, device)
+        truncated, _ = truncate_blocks(centred(task_vectors(theta0, stack)), p.matrix_shape, p.blocks, rank, device)
         svd_seconds += time.perf_counter() - start
         return theta_avg + scale * row_sum(truncated)
 

@@ -1,10 +1,11 @@
 """Merging checkpoint files (the I/O side of `r2m merge` and the pipeline's re-merge step).
 
 Checks the checkpoint contract across files (every specialist's sidecar names the θ0 it was
-fine-tuned from, by the sha256 of θ0's safetensors file), streams the merge tensor by tensor
-into a temporary file beside the output, and publishes it atomically with a sidecar
-`<out>.json` of kind "merged": method, hyperparameters, θ0 hash, inputs (sha256, generator) and
-the method's diagnostics.
+fine-tuned from, by the sha256 of θ0's safetensors file; for a file without that record the
+user may vouch with `assume_theta0`, recorded in the output as a waived check), streams the
+merge tensor by tensor into a temporary file beside the output, and publishes it atomically
+with a sidecar `<out>.json` of kind "merged": method, hyperparameters, θ0 hash, inputs (sha256,
+generator) and the method's diagnostics.
 """
 
 from __future__ import annotations
@@ -18,23 +19,32 @@ from typing import Sequence
 import torch
 
 from r2m.checkpoint import file_sha256, read_meta, sidecar_path, write_json
-from r2m.errors import MergeError
+from r2m.errors import MergeError, check_output_file
 from r2m.merging.registry import get_method
 from r2m.merging.stream import DiskScratch, SafetensorsSink, SafetensorsSource
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
 
 
-def check_theta0(pretrained: Path, specialists: Sequence[Path]) -> str:
-    """θ0's sha256; raises MergeError naming the first specialist fine-tuned from another θ0."""
+def check_theta0(pretrained: Path, specialists: Sequence[Path], *, assume_theta0: bool = False) -> tuple[str, list[Path]]:
+    """(θ0's sha256, the specialists whose θ0 was assumed, not checked). Raises MergeError naming
+    the first specialist fine-tuned from another θ0, or without a θ0 hash unless `assume_theta0`:
+    the user's word for files r2m did not write. A recorded hash is always checked."""
     theta0_sha = file_sha256(pretrained)
+    assumed = []
     for path in specialists:
         meta = read_meta(path)
         claimed = meta.get("theta0_sha256")
         if not claimed:
-            raise MergeError(f"{path}: sidecar {sidecar_path(path).name} has no 'theta0_sha256'; cannot check it was fine-tuned from {pretrained}")
+            if assume_theta0:
+                assumed.append(path)
+                continue
+            record = f"sidecar {sidecar_path(path).name} has no 'theta0_sha256'" if meta else \
+                f"no r2m sidecar ({sidecar_path(path).name}) with 'theta0_sha256'"
+            raise MergeError(f"{path}: {record}; cannot check it was fine-tuned from {pretrained} "
+                             "(if it was, pass --assume-theta0, or record it with `r2m import-checkpoint --pretrained`)")
         if claimed != theta0_sha:
             raise MergeError(f"{path}: fine-tuned from another θ0 (theta0_sha256 {claimed[:12]}…, {pretrained} is {theta0_sha[:12]}…)")
-    return theta0_sha
+    return theta0_sha, assumed
 
 
 def merge_files(
@@ -47,13 +57,17 @@ def merge_files(
     device: str | None = None,
     progress: bool = False,
     check_hashes: bool = True,
+    assume_theta0: bool = False,
 ) -> tuple[MergeResult, dict]:
-    """Merge specialist files into `out` (+ sidecar). Returns (result without tensors, sidecar meta)."""
+    """Merge specialist files into `out` (+ sidecar). Returns (result without tensors, sidecar meta).
+
+    `assume_theta0` accepts specialists without a recorded θ0 hash as fine-tuned from
+    `pretrained`; the sidecar lists them under `theta0_check`."""
     spec = get_method(method)
     hp = spec.resolve(hparams or {})
     pretrained = Path(pretrained)
     specialists = [Path(s) for s in specialists]
-    out = Path(out)
+    out = check_output_file(out, MergeError)
     if not specialists:
         raise MergeError("no specialists to merge: give at least one --specialist")
     if device and device.startswith("cuda") and not torch.cuda.is_available():
@@ -62,7 +76,7 @@ def merge_files(
         if path.resolve() == out.resolve():
             raise MergeError(f"{out}: the output would overwrite an input")
     sources = [SafetensorsSource(p) for p in (pretrained, *specialists)]
-    theta0_sha = check_theta0(pretrained, specialists) if check_hashes else None
+    theta0_sha, assumed = check_theta0(pretrained, specialists, assume_theta0=assume_theta0) if check_hashes else (None, [])
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
@@ -91,13 +105,16 @@ def merge_files(
     inputs = []
     for path in specialists:
         meta = read_meta(path)
-        inputs.append({"path": str(path), "sha256": file_sha256(path) if check_hashes else None, "generator": meta.get("generator")})
+        inputs.append({"path": str(path), "sha256": file_sha256(path) if check_hashes else None, "generator": meta.get("generator"),
+                       "theta0_assumed": path in assumed})
     sidecar = {
         "kind": "merged",
         "method": method,
         "hparams": result.hparams,
         "model": theta0_meta.get("model") or read_meta(specialists[0]).get("model"),
         "theta0_sha256": theta0_sha,
+        "theta0_check": {"waived_by": "--assume-theta0", "specialists": [str(p) for p in assumed]} if assumed
+        else ("sha256" if check_hashes else "skipped"),
         "pretrained": str(pretrained),
         "specialists": inputs,
         "generators": [i["generator"] for i in inputs],

@@ -45,11 +45,6 @@ EPS = 1e-8  # ε of eq. 4
 CORES = ("centered", "uncentered")
 
 
-def matrix_shape(p: TensorPlan) -> tuple[int, int]:
-    """The 2-D matrix a truncation acts on (the plan's `matrix_shape` where it has one)."""
-    return tuple(getattr(p, "matrix_shape", None) or p.shape)
-
-
 def _check_rank(rank: float) -> None:
     if not 0 < rank <= 1:
         raise MergeError(f"R²M: rank ratio r must be in (0, 1], got {rank}")
@@ -115,7 +110,7 @@ def _analyse_keys(tv: TaskVectors, ranks: tuple[float, ...], g: torch.Tensor, re
             for r in ranks:
                 res_sq[r] += full
             continue
-        shape = matrix_shape(p)
+        shape = p.matrix_shape
         sub = (shape[0] // p.blocks, shape[1])
         ks = _block_ranks(sub, ranks)
         truncated = sorted({k for k in ks.values() if k < min(sub)})
@@ -243,7 +238,7 @@ def _build_keys(tv: TaskVectors, an: Analysis, parts: Parts, device: torch.devic
         stored = next(replay) if p.blocks else []
         ebs = [Eigenbases.from_tensors(*stored[j : j + 3], device) for j in range(0, len(stored), 3)]
         if p.blocks:
-            shape = matrix_shape(p)
+            shape = p.matrix_shape
             sub = (shape[0] // p.blocks, shape[1])
             blocks_in = block_view(delta, shape, p.blocks).to(device)
         for r, res in parts.residuals.items():

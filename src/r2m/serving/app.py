@@ -10,7 +10,8 @@ POST /v2/models/r2m_detector/infer       OIP JSON tensors in, tensors out (what 
 ```
 Uploads are checked before any pixel is decoded: request and part content types, the size
 (`serve.max_upload_bytes`, enforced while streaming), then strict decoding (`r2m.data.decode_image`:
-truncated files, non-images, decompression bombs over `data.max_image_pixels`). Bad input gets a
+truncated files, non-images, formats outside `data.extensions`, decompression bombs over
+`data.max_image_pixels`: the same checks as dataset validation). Bad input gets a
 4xx with `{"detail": reason}`; nothing a client sends stops the server.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -29,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from r2m.config import ServeConfig
+from r2m.config import DataConfig, ServeConfig
 from r2m.data.images import decode_image  # (imports r2m.data, hence torch: paid at start-up)
 from r2m.errors import DatasetError
 from r2m.export.metadata import OUTPUTS
@@ -88,7 +90,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, str, str]:
+async def read_upload(request: Request, limit: int, formats: tuple[str, ...]) -> tuple[bytes, str, str]:
     """(bytes, filename, content type) of the multipart field `file`, every check but decoding."""
     ctype = request.headers.get("content-type", "")
     if not ctype.lower().startswith("multipart/form-data"):
@@ -113,7 +115,7 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str, str]:
         part_type = (upload.content_type or "application/octet-stream").lower()
         if not part_type.startswith(ACCEPTED_TYPES):
             raise HTTPException(415, f"field 'file' has content type '{part_type}'; expected image/* "
-                                     f"(png, jpeg, webp)")
+                                     f"({', '.join(f.lower() for f in formats)})")
         data = await upload.read()
     finally:
         await form.close()
@@ -129,11 +131,11 @@ def _require(store: ModelStore) -> LoadedModel:
     return model
 
 
-def _score_image(model: LoadedModel, data: bytes, filename: str, max_pixels: int) -> float:
+def _score_image(model: LoadedModel, data: bytes, filename: str, data_cfg: DataConfig) -> float:
     try:
-        image = decode_image(data, filename, max_pixels)
+        image = decode_image(data, filename, data_cfg.max_image_pixels, data_cfg.formats)
     except DatasetError as err:
-        status = 413 if "decompression bomb" in err.reason else 400
+        status = 413 if "decompression bomb" in err.reason else 415 if "not accepted" in err.reason else 400
         raise HTTPException(status, err.reason) from None
     x = model.preprocess(image)[None]
     return float(model.session.run([OUTPUTS[1]], {model.input_name: x})[0][0])
@@ -145,6 +147,8 @@ def _parse_infer_request(model: LoadedModel, body: bytes) -> tuple[np.ndarray, l
         request = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise HTTPException(400, f"body is not JSON: {err}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise HTTPException(400, "body is JSON nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or len(request["inputs"]) != 1:
         raise HTTPException(400, f"expected {{'inputs': [one tensor named '{model.input_name}']}}")
     tensor = request["inputs"][0]
@@ -153,19 +157,24 @@ def _parse_infer_request(model: LoadedModel, body: bytes) -> tuple[np.ndarray, l
     if tensor.get("datatype") != "FP32":
         raise HTTPException(400, f"input '{model.input_name}' datatype must be FP32, got {tensor.get('datatype')!r}")
     shape, expected = tensor.get("shape"), model.inputs[0]["shape"]
-    if (not isinstance(shape, list) or len(shape) != len(expected) or not all(isinstance(d, int) and d > 0 for d in shape)
+    if (not isinstance(shape, list) or len(shape) != len(expected)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
             or any(e != -1 and d != e for d, e in zip(shape, expected))):
         raise HTTPException(400, f"input shape must be {expected} (-1 = any batch), got {shape}")
     try:
         x = np.asarray(tensor.get("data"), dtype=np.float32)
     except (TypeError, ValueError) as err:
         raise HTTPException(400, f"input data is not a list of numbers: {err}") from None
-    if x.size != int(np.prod(shape)):
-        raise HTTPException(400, f"input data has {x.size} values, shape {shape} needs {int(np.prod(shape))}")
+    if x.size != math.prod(shape):
+        raise HTTPException(400, f"input data has {x.size} values, shape {shape} needs {math.prod(shape)}")
     if not np.isfinite(x).all():
         raise HTTPException(400, "input data holds NaN or infinity")
     known = [o["name"] for o in model.outputs]
-    wanted = [o.get("name") for o in request.get("outputs") or [] if isinstance(o, dict)] or known
+    requested = request.get("outputs")
+    if requested is not None and not (isinstance(requested, list) and all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested)):
+        raise HTTPException(400, f"'outputs' must be a list of {{'name': ...}} (outputs: {', '.join(known)})")
+    wanted = [o["name"] for o in requested or []] or known
     unknown = [w for w in wanted if w not in known]
     if unknown:
         raise HTTPException(400, f"unknown output '{unknown[0]}' (outputs: {', '.join(known)})")
@@ -196,10 +205,14 @@ def model_metadata(model: LoadedModel, store: ModelStore) -> dict:
     }
 
 
-def create_app(repository: Path | str, cfg: ServeConfig | None = None, max_image_pixels: int = 40_000_000,
+def create_app(repository: Path | str, cfg: ServeConfig | None = None, data: DataConfig | None = None,
                name: str = MODEL_NAME, poll: bool = True) -> FastAPI:
-    """The server for `<repository>/<name>/<version>/model.onnx` (newest version, hot reloaded)."""
+    """The server for `<repository>/<name>/<version>/model.onnx` (newest version, hot reloaded).
+
+    `data` (params.yaml `data:`) sets what an upload may be: the formats of `data.extensions`
+    and at most `data.max_image_pixels`, exactly as dataset validation checks them."""
     cfg = cfg or ServeConfig()
+    data = data or DataConfig()
     store = ModelStore(repository, cfg.threads, name)
 
     @asynccontextmanager
@@ -225,9 +238,9 @@ def create_app(repository: Path | str, cfg: ServeConfig | None = None, max_image
     @app.post("/v1/detect")
     async def detect(request: Request):
         """One image (multipart field `file`) -> P(fake), label, and the version that answered."""
-        data, filename, _ = await read_upload(request, cfg.max_upload_bytes)
+        upload, filename, _ = await read_upload(request, cfg.max_upload_bytes, data.formats)
         model = _require(store)  # read once: this request finishes on this version
-        p = await run_in_threadpool(_score_image, model, data, filename, max_image_pixels)
+        p = await run_in_threadpool(_score_image, model, upload, filename, data)
         return {"fake_probability": p, "label": "fake" if p >= cfg.threshold else "real",
                 "model_version": model.version}
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import onnxruntime as ort
-
 from r2m.export.metadata import parse_metadata
 from r2m.export.publish import MODEL_FILE, MODEL_NAME, list_versions, model_dir
+from r2m.export.runtime import import_onnxruntime
 from r2m.serving.preprocess import Preprocessing
+
+ort = import_onnxruntime()  # a one-line error naming the extras when it is missing
 
 log = logging.getLogger("r2m.serving")
 

@@ -22,5 +22,5 @@ def run_server(params: Params, repository: Path | str | None = None, host: str |
     updates = {k: v for k, v in {"host": host, "port": port, "threads": threads}.items() if v is not None}
     cfg = params.serve.model_copy(update=updates)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(repository, cfg, params.data.max_image_pixels)
+    app = create_app(repository, cfg, params.data)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level, access_log=log_level == "debug")

@@ -220,6 +220,8 @@ def describe_models(client) -> list[dict]:
                 "version": str(mv.version),
                 "aliases": sorted(by_version.get(str(mv.version), [])),
                 "gate": mv.tags.get("gate", ""),
+                # a detector version's gate verdict, a specialist's own checks (accepted / rejected)
+                "verdict": mv.tags.get("gate") or mv.tags.get("status", ""),
                 "sha256": mv.tags.get("sha256", "")[:12],
                 "onnx_sha256": mv.tags.get("onnx_sha256", "")[:12],
                 "source": mv.source,

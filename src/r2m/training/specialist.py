@@ -1,7 +1,8 @@
 """Fine-tune one specialist θ_i from θ0 on one generator's dataset (DF40 `clip.yaml` recipe).
 
-Seeded and deterministic on CPU; CUDA with mixed precision when present. The same function
-trains the All-in-one baseline when given several datasets (their union).
+Seeded and deterministic on CPU; CUDA with mixed precision when present. The weights kept are
+those of the epoch with the best validation AUC, not the last epoch's. The same function trains
+the All-in-one baseline when given several datasets (their union).
 """
 
 from __future__ import annotations
@@ -53,8 +54,24 @@ def predict_scores(detector: Detector, loader: DataLoader, device: torch.device)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
 
+def freeze_norm_statistics(module: torch.nn.Module) -> None:
+    """BatchNorm layers to eval mode: their affine weights still train, their running statistics
+    stay θ0's (no effect on LayerNorm-only ViTs)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
+
+
+def _improves(val_auc: float, best: float | None) -> bool:
+    """Keep an epoch when its validation AUC beats every earlier one (strictly: of equal epochs the
+    earliest stays, as DeepfakeBench's trainer keeps its `ckpt_best`); a NaN AUC never beats one."""
+    if best is None or math.isnan(best):
+        return best is None or not math.isnan(val_auc)
+    return val_auc > best
 
 
 def _loader(datasets: Sequence[GeneratorDataset], split: str, transform, params: Params, shuffle: bool, generator=None) -> DataLoader:
@@ -89,7 +106,9 @@ def train_specialist(
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune θ0 (`pretrained`) on the train splits of `datasets`; validate on their val splits."""
+    """Fine-tune θ0 (`pretrained`) on the train splits of `datasets`; validate on their val splits
+    after every epoch and save the weights of the epoch with the best validation AUC (never test
+    data: `metrics.best_epoch` names it, `history` has every epoch)."""
     if not datasets:
         raise TrainingError("no dataset to train on")
     unseen = [ds.name for ds in datasets if ds.role != "seen"]
@@ -126,11 +145,14 @@ def train_specialist(
     loss_fn = torch.nn.CrossEntropyLoss()
 
     history: list[dict] = []
+    best: tuple[dict, dict[str, torch.Tensor]] | None = None  # (epoch row, weights) of the best val AUC
     started = time.perf_counter()
     seen_images = 0
     train_seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         detector.train()
+        if cfg.freeze_norm_stats:
+            freeze_norm_statistics(detector)
         total, count = 0.0, 0
         t0 = time.perf_counter()
         bar = tqdm(train_loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
@@ -152,14 +174,19 @@ def train_specialist(
         scores, targets = predict_scores(detector, val_loader, device)
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_auc": _auc(targets, scores)}
         history.append(row)
+        if _improves(row["val_auc"], best[0]["val_auc"] if best else None):
+            best = (row, {k: v.clone() for k, v in detector.checkpoint_tensors().items()})
         if on_epoch:
             on_epoch(row)
         if progress:
             tqdm.write(f"{name} epoch {epoch}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}")
 
+    kept, tensors = best
     metrics = {
-        "val_auc": history[-1]["val_auc"],
-        "train_loss": history[-1]["train_loss"],
+        "val_auc": kept["val_auc"],
+        "train_loss": kept["train_loss"],
+        "best_epoch": kept["epoch"],  # the epoch whose weights are saved
+        "last_val_auc": history[-1]["val_auc"],
         "train_seconds": time.perf_counter() - started,
         "images_per_s": seen_images / train_seconds if train_seconds else float("nan"),
         "train_images": len(train_loader.dataset),
@@ -179,5 +206,5 @@ def train_specialist(
         "history": history,
         "device": device.type,
     }
-    sha = save_checkpoint(out, detector.checkpoint_tensors(), meta)
+    sha = save_checkpoint(out, tensors, meta)
     return TrainResult(path=out, sha256=sha, metrics=metrics, history=history)
