@@ -131,7 +131,7 @@ def child(mode: str, folder: Path, n: int, threads: int, extra: dict) -> dict:
             if p.blocks:
                 delta = centred(task_vectors(theta0, stack))
                 t = time.perf_counter()
-                truncate_blocks(delta, p.shape, p.blocks, extra.get("rank", 0.7), torch.device("cpu"))
+                truncate_blocks(delta, p.matrix_shape, p.blocks, extra.get("rank", 0.7), torch.device("cpu"))
                 svd += time.perf_counter() - t
         info["svd_only_seconds"] = svd
     elif mode == "grid":
