@@ -1,7 +1,13 @@
 """Merging at ViT-L/14 scale: wall time and peak RSS of every method, against the I/O floor and
-the SVD time measured in the same run (issue 4). Not a test: run it by hand.
+the SVD time measured in the same run (issues 4, 14). Not a test: run it by hand.
 
-    .venv/bin/python bench/merge_bench.py [--model ViT-L-14] [--n 3 6] [--threads 2]
+    .venv/bin/python bench/merge_bench.py [--model ViT-L-14] [--n 3 6] [--threads 2] [--layers L]
+
+Issue 14's run (ViT-L/14, N = 6, 2 threads; one R²M merge, the 24-point selection, WA, I/O, CART):
+
+    .venv/bin/python bench/merge_bench.py --n 6 --modes io iow wa r2m grid cart --out bench/results/merge_bench_issue14.md
+
+`--layers L` keeps only the first L transformer blocks (a smoke run of seconds: `--layers 1`).
 
 θ0 is open_clip's visual tower with random init (`pretrained=None`, no download, `proj` removed as
 in the detector); specialists are θ0 + synthetic task vectors (a shared low-rank direction with
@@ -11,7 +17,10 @@ subprocess which reports its own wall time and peak RSS (getrusage of itself):
 
 - io:   read every tensor of θ0 and the N specialists, nothing else (the I/O floor);
 - svd:  the layerwise truncations alone (Gram + eigh + projection), inputs read untimed;
-- wa, ta, ties, cart, r2m: the streamed merge, files in, safetensors file out.
+- wa, ta, ties, cart, r2m: the streamed merge, files in, safetensors file out;
+- grid: the R²M selection's merge work without the scoring: α {0.4, 0.5, 0.6} × r {0.1, 0.3, 0.5,
+  0.7} × core {centered, uncentered} = 24 points from one analysis, each written to its own
+  safetensors file (deleted after it is written), scratch on disk.
 
 Prints a markdown table plus the issue's ratios and writes them to bench/results/merge_bench.md.
 """
@@ -49,7 +58,7 @@ def _threads(n: int) -> None:
 
 # -- synthetic checkpoints -------------------------------------------------------------------------
 
-def make_checkpoints(model: str, n: int, folder: Path, seed: int = 0) -> None:
+def make_checkpoints(model: str, n: int, folder: Path, seed: int = 0, layers: int | None = None) -> None:
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -57,6 +66,8 @@ def make_checkpoints(model: str, n: int, folder: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     visual = open_clip.create_model(model, pretrained=None).visual
     visual.proj = None
+    if layers is not None:  # reduced model for smoke runs: the first `layers` blocks only
+        visual.transformer.resblocks = visual.transformer.resblocks[:layers]
     theta0 = {f"backbone.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()}
     del visual
     save_file(theta0, str(folder / "theta0.safetensors"))
@@ -120,9 +131,33 @@ def child(mode: str, folder: Path, n: int, threads: int, extra: dict) -> dict:
             if p.blocks:
                 delta = centred(task_vectors(theta0, stack))
                 t = time.perf_counter()
-                truncate_blocks(delta, p.shape, p.blocks, extra.get("rank", 0.7), torch.device("cpu"))
+                truncate_blocks(delta, p.matrix_shape, p.blocks, extra.get("rank", 0.7), torch.device("cpu"))
                 svd += time.perf_counter() - t
         info["svd_only_seconds"] = svd
+    elif mode == "grid":
+        from r2m.merging.r2m import r2m_points
+
+        scratch = DiskScratch(folder)
+        tv = TaskVectors(sources[0], sources[1:], Runtime(device="cpu", scratch=scratch))
+        points = [METHODS["r2m"].resolve(p) for p in METHODS["r2m"].grid({"core": ("centered", "uncentered")})]
+        out = folder / "out-grid.safetensors"
+        times, last, chosen, sinks = [], time.perf_counter(), {}, []
+
+        def sink_for(hp):
+            sinks.append(SafetensorsSink(out, tv.layout()))
+            return sinks[-1]
+
+        for hp, result in r2m_points(tv, points, sinks=sink_for):
+            sinks[-1].close()  # the finished file, as a scorer would load it
+            chosen.setdefault("first_point_seconds", time.perf_counter() - start)
+            times.append(time.perf_counter() - last)
+            last = time.perf_counter()
+            out.unlink(missing_ok=True)
+            chosen[str(hp)] = result.diagnostics["eta"]
+        scratch.close()
+        d = result.diagnostics
+        info.update({"points": len(times), "svd_seconds": d["svd_seconds"], "projection_seconds": d["projection_seconds"],
+                     "seconds_per_point_after_first": sum(times[1:]) / max(len(times) - 1, 1), "first_point_seconds": chosen.pop("first_point_seconds"), "eta": chosen})
     else:
         spec = METHODS[mode]
         tv = TaskVectors(sources[0], sources[1:])
@@ -159,14 +194,17 @@ def measure(mode: str, folder: Path, n: int, threads: int, extra: dict | None = 
 
 # -- report ----------------------------------------------------------------------------------------
 
-def report(model: str, rows: dict, threads: int, total_params: int) -> str:
+BEFORE_R2M_N6 = 285.8  # s: one R²M merge, ViT-L/14, N = 6, 2 threads, main before issue 14 (merge_bench.md)
+
+
+def report(model: str, rows: dict, threads: int, total_params: int, full: bool = True) -> str:
     lines = [
         f"# Merge benchmark: {model} visual tower ({total_params / 1e6:.0f} M parameters, fp32), {threads} threads, CPU",
         "",
         f"Machine: {os.cpu_count()} cores visible; every cell is one fresh subprocess (wall s / its own peak RSS = VmHWM, GB).",
         "",
-        "| N | I/O floor | floor + write | SVDs | WA | TA | TIES | CART | R²M |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | I/O floor | floor + write | SVDs | WA | TA | TIES | CART | R²M | R²M 24-point selection (merge work) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
     na = "–"
@@ -174,7 +212,7 @@ def report(model: str, rows: dict, threads: int, total_params: int) -> str:
         cell = lambda m: f"{r[m]['seconds']:.1f} s / {r[m]['max_rss_gb']:.2f} GB" if m in r else na
         in_run = r.get("r2m", {}).get("diagnostics", {}).get("svd_seconds")
         svd = " / ".join(x for x in (f"{r['svd']['svd_only_seconds']:.1f} s alone" if "svd" in r else "", f"{in_run:.1f} s in R²M" if in_run else "") if x) or na
-        lines.append(f"| {n} | {cell('io')} | {cell('iow')} | {svd} | " + " | ".join(cell(m) for m in METHOD_ARGS) + " |")
+        lines.append(f"| {n} | {cell('io')} | {cell('iow')} | {svd} | " + " | ".join(cell(m) for m in (*METHOD_ARGS, "grid")) + " |")
         wa = r.get("wa", {}).get("seconds")
         target = 1.2 if n == max(rows) else None
         if "r2m" in r and wa:
@@ -190,6 +228,14 @@ def report(model: str, rows: dict, threads: int, total_params: int) -> str:
             checks.append((n, "WA / (I/O floor + writing the output)", wa / r["iow"]["seconds"], None))
         if "cart" in r and wa:
             checks.append((n, "CART / (its SVD + WA)", r["cart"]["seconds"] / (r["cart"]["diagnostics"]["svd_seconds"] + wa), None))
+        # issue 14 (targets stated for ViT-L/14, N = 6)
+        if "grid" in r and "r2m" in r and wa:
+            checks.append((n, "24-point selection / (one R²M merge + 24 WA)", r["grid"]["seconds"] / (r["r2m"]["seconds"] + 24 * wa), 1.0))
+            checks.append((n, "selection: each point after the first / WA", r["grid"]["seconds_per_point_after_first"] / wa, 1.0))
+        if "r2m" in r and n == 6 and full:
+            checks.append((n, f"one R²M merge / main before issue 14 ({BEFORE_R2M_N6} s)", r["r2m"]["seconds"] / BEFORE_R2M_N6, 0.5))
+        peak = max((c["max_rss_gb"] for c in r.values()), default=0.0)
+        checks.append((n, "peak RSS of any cell (GB)", peak, 4.0))
     lines += ["", "| N | ratio | measured | target | met |", "|---|---|---|---|---|"]
     for n, name, value, target in checks:
         ok = "" if target is None else ("yes" if value <= target else "NO")
@@ -216,6 +262,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (default: a temp dir)")
     ap.add_argument("--out", default=str(HERE / "results" / "merge_bench.md"))
     ap.add_argument("--modes", nargs="+", default=["io", "iow", "wa", "r2m", "ties", "ta", "cart", "svd"], help="what to measure")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first L transformer blocks (smoke runs)")
     ap.add_argument("--reuse", default=None, help="a folder with checkpoints from an earlier run (kept afterwards)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
@@ -230,11 +277,13 @@ def main() -> None:
     try:
         t = time.perf_counter()
         if not args.reuse:
-            make_checkpoints(args.model, max(args.n), folder)
+            make_checkpoints(args.model, max(args.n), folder, layers=args.layers)
         from r2m.merging import SafetensorsSource
 
         src = SafetensorsSource(folder / "theta0.safetensors")
         total = sum(int(__import__("math").prod(src.shape(k))) for k in src.keys())
+        full = args.model == "ViT-L-14" and args.layers is None
+        label = args.model + (f" ({args.layers} blocks)" if args.layers is not None else "")
         print(f"checkpoints written in {time.perf_counter() - t:.0f} s to {folder}", flush=True)
         for n in sorted(args.n, reverse=True):  # N = 6 first: the issue's targets are stated for it
             r: dict = {}
@@ -243,11 +292,11 @@ def main() -> None:
                 extra = METHOD_ARGS.get(mode, {"rank": METHOD_ARGS["r2m"]["rank"]})
                 r[mode] = measure(mode, folder, n, args.threads, extra)
                 print(f"N={n} {mode}: {r[mode]['seconds']:.1f} s, {r[mode]['max_rss_gb']:.2f} GB", flush=True)
-                _write(args.out, report(args.model, rows, args.threads, total), rows)
+                _write(args.out, report(label, rows, args.threads, total, full), rows)
     finally:
         if not args.reuse:
             shutil.rmtree(folder, ignore_errors=True)
-    text = report(args.model, rows, args.threads, total)
+    text = report(label, rows, args.threads, total, full)
     _write(args.out, text, rows)
     print(text)
 

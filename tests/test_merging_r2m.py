@@ -109,8 +109,8 @@ def test_core_rank_guard_when_k_exceeds_the_rank_of_m_c():
 def test_qkv_thirds_are_truncated_separately():
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(2, 3 * 8 * 8, generator=g)
-    truncated, projectors = truncate_blocks(delta, (24, 8), 3, 0.25, torch.device("cpu"))  # k = 2 per third
-    assert len(projectors) == 6
+    truncated, bases = truncate_blocks(delta, (24, 8), 3, 0.25, torch.device("cpu"))  # k = 2 per third
+    assert len(bases) == 3 and all(b.high.shape == (2, 8, 2) for b in bases)  # one per third, both specialists
     for i in range(2):
         thirds = truncated[i].reshape(3, 8, 8)
         assert all(int(torch.linalg.matrix_rank(t, rtol=1e-5)) == 2 for t in thirds)

@@ -8,14 +8,22 @@
     η = α ‖τ_core‖ / ‖τ_res‖  (§4 tuning protocol; eq. 6 literal: η = α ‖τ_core‖)
     θ* = θ0 + τ_core + η τ_res                                                   (eq. 6)
 
-Nothing D-dimensional beyond one tensor is ever held: V_{c,k} = M_cᵀ U_k Σ_k⁻¹, so
-τ_core = M_cᵀ U_k Σ_k⁻² U_kᵀ (M_c τ̄) is a combination Σ_i a_i τ_i whose coefficients come from the
-N×N Gram matrix G = M Mᵀ alone (M_c M_cᵀ = C G C, M_c τ̄ = C G 1/N with C = I − 11ᵀ/N).
-Likewise τ_res = Σ_i w_i δ̃_i with w_i = m / (N (‖δ̃_i‖ + ε)) and ‖τ_res‖² = wᵀ G̃ w, G̃ = Gram of
-the δ̃_i. So one streamed pass (`analyse`: G, G̃ and the layerwise truncations, whose projector
-bases go to scratch) gives every scalar, and a second pass (`compose`) writes
-θ* = θ0 + Σ_i a_i τ_i + η Σ_i w_i δ̃_i key by key, replaying the stored projectors instead of
-recomputing SVDs. α only enters η, so `compose` can be called for several α after one analysis.
+Nothing D-dimensional beyond one tensor is held in memory. V_{c,k} = M_cᵀ U_k Σ_k⁻¹, so
+τ_core = Σ_i a_i τ_i with coefficients from the N×N Gram matrix G = M Mᵀ alone
+(M_c M_cᵀ = C G C, M_c τ̄ = C G 1/N, C = I − 11ᵀ/N); τ_res = Σ_i w_i δ̃_i with
+w_i = m / (N (‖δ̃_i‖ + ε)), where ‖δ̃_i‖² is the sum of the top-k eigenvalues of each block's Gram.
+
+One analysis serves a whole grid of (α, r, core, k) points (issue 14):
+
+1. `analyse` (reads the inputs once): G, and per (specialist, matrix block) ONE Gram eigendecomposition
+   whose bases serve every rank r of the grid (top-k subspaces are nested); the per-rank norms
+   ‖δ̃_i‖ come from the eigenvalues. Bases go to the scratch.
+2. `build` (reads the inputs once more, replays the bases): per core reading (and k) the base
+   θ0 + τ_core, per rank the residual τ_res = Σ_i w_i δ̃_i and its norm; each goes to its own
+   scratch, key by key (disk when the runtime's scratch is a `DiskScratch`).
+3. `compose` (per point, reads no input): θ* = (θ0 + τ_core) + η τ_res from the two scratches.
+
+A single merge is the same three steps for one point, so a grid point is bitwise the single merge.
 """
 
 from __future__ import annotations
@@ -23,47 +31,73 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 
 from r2m.errors import MergeError
-from r2m.merging.linalg import Projector, apply_blocks, gram, top_singular, truncate_blocks
+from r2m.merging.linalg import Eigenbases, block_view, eigenbases, gram, kept_energy, top_singular, truncation_rank
+from r2m.merging.stream import Scratch, Sink
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors, TensorPlan, centred, task_vectors
 from r2m.merging.wa import average
 
 EPS = 1e-8  # ε of eq. 4
+CORES = ("centered", "uncentered")
 
+
+def _check_rank(rank: float) -> None:
+    if not 0 < rank <= 1:
+        raise MergeError(f"R²M: rank ratio r must be in (0, 1], got {rank}")
+
+
+def check_point(hp: dict) -> None:
+    """Reject a bad (α, r, k, core, η mode) before any input is read."""
+    if hp.get("core", "centered") not in CORES:
+        raise MergeError(f"R²M: core must be 'centered' or 'uncentered', got {hp['core']!r}")
+    _check_rank(hp.get("rank", 0.7))
+    if hp.get("k", 1) < 1:
+        raise MergeError(f"R²M: k must be at least 1, got {hp['k']}")
+    if hp.get("eta_mode", "normalized") not in ("normalized", "literal"):
+        raise MergeError(f"R²M: eta mode must be 'normalized' or 'literal', got {hp['eta_mode']!r}")
+
+
+# -- pass 1: one eigendecomposition per (specialist, block) for every rank ----------------------
 
 @dataclass
 class Analysis:
-    """Everything R²M needs from pass 1: N×N matrices and per-specialist norms (float64)."""
+    """What pass 1 leaves: G = M Mᵀ, ‖δ̃_i‖² per rank (float64) and the bases (in `bases`)."""
 
-    rank: float
-    k: int
-    core: str
+    ranks: tuple[float, ...]
     rtol: float
-    g: torch.Tensor  # M Mᵀ (uncentred Gram of the task vectors)
-    g_res: torch.Tensor  # G̃: Gram of the truncated residuals δ̃_i
+    g: torch.Tensor
+    res_sq: dict[float, torch.Tensor]
     svd_seconds: float
-    scratch: object = None
-    degenerate: str | None = None
-    diagnostics: dict = field(default_factory=dict)
+    bases: Scratch
 
 
-def analyse(tv: TaskVectors, *, rank: float = 0.7, k: int = 1, core: Literal["centered", "uncentered"] = "centered", rtol: float = 1e-5) -> Analysis:
-    """Pass 1: G = M Mᵀ, the truncations δ̃_i (bases kept in scratch) and G̃ = Gram(δ̃)."""
-    if core not in ("centered", "uncentered"):
-        raise MergeError(f"R²M: core must be 'centered' or 'uncentered', got {core!r}")
-    if not 0 < rank <= 1:
-        raise MergeError(f"R²M: rank ratio r must be in (0, 1], got {rank}")
-    if k < 1:
-        raise MergeError(f"R²M: k must be at least 1, got {k}")
-    n = tv.n
-    g = torch.zeros((n, n), dtype=torch.float64)
-    g_res = torch.zeros((n, n), dtype=torch.float64)
-    scratch = tv.scratch()
+def _block_ranks(sub: tuple[int, int], ranks: Sequence[float]) -> dict[float, int]:
+    return {r: truncation_rank(sub, r) for r in ranks}
+
+
+def analyse(tv: TaskVectors, *, ranks: Sequence[float] = (0.7,), rtol: float = 1e-5) -> Analysis:
+    """Pass 1: G, and per matrix block one Gram eigendecomposition (linalg.eigenbases) for all `ranks`."""
+    ranks = tuple(sorted(set(ranks)))
+    for r in ranks:
+        _check_rank(r)
+    g = torch.zeros((tv.n, tv.n), dtype=torch.float64)
+    res_sq = {r: torch.zeros(tv.n, dtype=torch.float64) for r in ranks}
+    bases = tv.new_scratch()  # closed by `build` (or by the caller on a degenerate input)
     device = tv.runtime.resolved_device()
+    try:
+        svd_seconds = _analyse_keys(tv, ranks, g, res_sq, bases, device)
+    except BaseException:
+        bases.close()  # a failed analysis leaves no scratch behind
+        raise
+    return Analysis(ranks, rtol, g, res_sq, svd_seconds, bases)
+
+
+def _analyse_keys(tv: TaskVectors, ranks: tuple[float, ...], g: torch.Tensor, res_sq: dict, bases: Scratch, device: torch.device) -> float:
+    n = tv.n
     svd_seconds = 0.0
     for p, theta0, stack in tv.stream(desc="r2m: analyse"):
         tau = task_vectors(theta0, stack)
@@ -71,24 +105,34 @@ def analyse(tv: TaskVectors, *, rank: float = 0.7, k: int = 1, core: Literal["ce
         tv.require_finite(p.key, g_key)
         g += g_key
         delta = centred(tau)  # in place: τ is not needed any more
-        if p.blocks:
-            start = time.perf_counter()
-            delta, projectors = truncate_blocks(delta, p.matrix_shape, p.blocks, rank, device)
-            svd_seconds += time.perf_counter() - start
-            scratch.append([t for pr in projectors for t in pr.tensors()] if projectors else [])
-        g_res += gram(delta)
-    return Analysis(rank, k, core, rtol, g, g_res, svd_seconds, scratch)
+        if not p.blocks:
+            full = gram(delta).diagonal()
+            for r in ranks:
+                res_sq[r] += full
+            continue
+        shape = p.matrix_shape
+        sub = (shape[0] // p.blocks, shape[1])
+        ks = _block_ranks(sub, ranks)
+        truncated = sorted({k for k in ks.values() if k < min(sub)})
+        parts = block_view(delta, shape, p.blocks).to(device)
+        stored: list[torch.Tensor] = []
+        start = time.perf_counter()
+        for b in range(p.blocks):
+            block = parts[:, b]
+            if truncated:
+                evals, eb = eigenbases(block, truncated)
+                stored += eb.tensors()
+            for r, k in ks.items():
+                if k < min(sub):
+                    res_sq[r] += kept_energy(evals, k).cpu()
+                else:
+                    res_sq[r] += gram(block.reshape(n, -1).cpu()).diagonal()
+        svd_seconds += time.perf_counter() - start
+        bases.append(stored)
+    return svd_seconds
 
 
-@dataclass
-class Coefficients:
-    """θ* = θ0 + Σ_i a_i τ_i + η Σ_i w_i δ̃_i, plus the diagnostics SPEC 5 asks for."""
-
-    a: torch.Tensor
-    w: torch.Tensor
-    eta: float
-    diagnostics: dict
-
+# -- N×N algebra ---------------------------------------------------------------------------------
 
 def _core(g: torch.Tensor, centered: bool, k: int, rtol: float) -> dict:
     """τ_core = V_k V_kᵀ τ̄ as coefficients on the τ_i, from the Gram matrix alone (eqs. 2-3)."""
@@ -113,29 +157,128 @@ def _core(g: torch.Tensor, centered: bool, k: int, rtol: float) -> dict:
     }
 
 
-def coefficients(an: Analysis, *, alpha: float = 0.5, eta_mode: Literal["normalized", "literal"] = "normalized") -> Coefficients:
-    """Eqs. 3-6 on N×N matrices: core coefficients a, residual weights w, and η."""
-    if eta_mode not in ("normalized", "literal"):
-        raise MergeError(f"R²M: eta mode must be 'normalized' or 'literal', got {eta_mode!r}")
-    n = an.g.shape[0]
-    core = _core(an.g, an.core == "centered", an.k, an.rtol)
-    other = _core(an.g, an.core != "centered", an.k, an.rtol)  # the other reading, for comparison only
-    norms = an.g_res.diagonal().clamp_min(0).sqrt()  # ‖δ̃_i‖
-    m = float(norms.mean())  # eq. 4
-    w = m / (n * (norms + EPS))  # eq. 4-5: τ_res = Σ_i w_i δ̃_i
-    res_norm = math.sqrt(max(float(w @ an.g_res @ w), 0.0))
+def residual_weights(res_sq: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Eqs. 4-5: (‖δ̃_i‖, m, w) with τ_res = Σ_i w_i δ̃_i."""
+    norms = res_sq.clamp_min(0).sqrt()
+    m = float(norms.mean())
+    return norms, m, m / (norms.shape[0] * (norms + EPS))
+
+
+def degenerate(g: torch.Tensor, n: int, rtol: float) -> str | None:
+    """N = 1 or identical specialists (M_c = 0 up to the relative tolerance): R²M is WA."""
+    if n == 1:
+        return "single specialist"
+    c = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    top = float(torch.linalg.eigvalsh(c @ g @ c).max().clamp_min(0).sqrt())
+    if top <= rtol * math.sqrt(max(float(g.trace()), 0.0)):
+        return "identical specialists"
+    return None
+
+
+# -- pass 2: bases θ0 + τ_core per core, residuals τ_res per rank --------------------------------
+
+@dataclass
+class Residual:
+    norms: torch.Tensor  # ‖δ̃_i‖
+    mean_norm: float  # m
+    w: torch.Tensor  # float64 weights
+    scratch: Scratch
+    norm_sq: float = 0.0  # ‖τ_res‖², accumulated key by key
+
+
+@dataclass
+class Parts:
+    """What every grid point is composed from (pass 2's output)."""
+
+    analysis: Analysis
+    cores: dict[tuple[str, int], tuple[dict, dict, Scratch]]  # (core, k) -> (this reading, the other, θ0 + τ_core)
+    residuals: dict[float, Residual]
+    projection_seconds: float = 0.0
+    owned: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for s in self.owned:
+            s.close()
+        self.owned.clear()
+
+
+def build(tv: TaskVectors, an: Analysis, cores: Sequence[tuple[str, int]]) -> Parts:
+    """Pass 2: for every (core, k) the tensors θ0 + τ_core, for every rank τ_res, to scratch."""
+    device = tv.runtime.resolved_device()
+    parts = Parts(an, {}, {})
+    for core, k in sorted(set(cores)):
+        scratch = tv.new_scratch()
+        parts.owned.append(scratch)
+        parts.cores[(core, k)] = (_core(an.g, core == "centered", k, an.rtol), _core(an.g, core != "centered", k, an.rtol), scratch)
+    for r in an.ranks:
+        norms, m, w = residual_weights(an.res_sq[r])
+        scratch = tv.new_scratch()
+        parts.owned.append(scratch)
+        parts.residuals[r] = Residual(norms, m, w, scratch)
+    try:
+        _build_keys(tv, an, parts, device)
+    except BaseException:
+        parts.close()
+        raise
+    finally:
+        an.bases.close()  # every point is composed from the parts alone
+    return parts
+
+
+def _build_keys(tv: TaskVectors, an: Analysis, parts: Parts, device: torch.device) -> None:
+    a32 = {key: c[0]["a"].to(torch.float32) for key, c in parts.cores.items()}
+    w32 = {r: res.w.to(torch.float32) for r, res in parts.residuals.items()}
+    replay = iter(an.bases.replay())
+    n = tv.n
+    for p, theta0, stack in tv.stream(desc="r2m: build"):
+        tau = task_vectors(theta0, stack)
+        for key, (_, _, scratch) in parts.cores.items():
+            scratch.append([theta0 + a32[key] @ tau])  # θ0 + τ_core
+        delta = centred(tau)  # in place
+        stored = next(replay) if p.blocks else []
+        ebs = [Eigenbases.from_tensors(*stored[j : j + 3], device) for j in range(0, len(stored), 3)]
+        if p.blocks:
+            shape = p.matrix_shape
+            sub = (shape[0] // p.blocks, shape[1])
+            blocks_in = block_view(delta, shape, p.blocks).to(device)
+        for r, res in parts.residuals.items():
+            k = truncation_rank(sub, r) if p.blocks else 0
+            if p.blocks and k < min(sub):
+                start = time.perf_counter()
+                out = torch.empty_like(blocks_in)
+                for b, eb in enumerate(ebs):
+                    for i in range(n):
+                        out[i, b] = eb.project(blocks_in[i, b], i, k)
+                truncated = out.reshape(n, -1).cpu()
+                parts.projection_seconds += time.perf_counter() - start
+            else:
+                truncated = delta
+            value = w32[r] @ truncated  # τ_res on this key
+            res.norm_sq += float(gram(value[None])[0, 0])
+            res.scratch.append([value])
+
+
+# -- pass 3: one point --------------------------------------------------------------------------
+
+def point_coefficients(parts: Parts, hp: dict) -> tuple[float, dict]:
+    """η and the diagnostics SPEC 5 asks for, for one (α, r, core, k, η mode) point."""
+    an = parts.analysis
+    core, other, _ = parts.cores[(hp["core"], hp["k"])]
+    res = parts.residuals[hp["rank"]]
+    res_norm = math.sqrt(max(res.norm_sq, 0.0))
+    m = res.mean_norm
     residual_zero = m == 0.0 or res_norm <= an.rtol * m  # Σ_i δ_i = 0: τ_res may vanish (e.g. N = 2)
     if residual_zero:
-        eta, w = 0.0, torch.zeros_like(w)
-    elif eta_mode == "normalized":
-        eta = alpha * core["core_norm"] / res_norm  # §4: η_eff = α ‖τ_core‖ / ‖τ_res‖
+        eta = 0.0
+    elif hp["eta_mode"] == "normalized":
+        eta = hp["alpha"] * core["core_norm"] / res_norm  # §4: η_eff = α ‖τ_core‖ / ‖τ_res‖
     else:
-        eta = alpha * core["core_norm"]  # eq. 6 as printed
+        eta = hp["alpha"] * core["core_norm"]  # eq. 6 as printed
     tau_bar = core["tau_bar_norm"]
     diagnostics = {
-        "n_specialists": n,
-        "core": an.core,
-        "eta_mode": eta_mode,
+        "n_specialists": int(an.g.shape[0]),
+        "core": hp["core"],
+        "eta_mode": hp["eta_mode"],
         "tau_bar_norm": tau_bar,
         "core_norm": core["core_norm"],
         "core_ratio": core["core_norm"] / tau_bar if tau_bar > 0 else 0.0,
@@ -145,57 +288,71 @@ def coefficients(an: Analysis, *, alpha: float = 0.5, eta_mode: Literal["normali
         "residual_norm": 0.0 if residual_zero else res_norm,
         "residual_zero": residual_zero,
         "residual_mean_norm": m,
-        "residual_norms": [float(x) for x in norms],
+        "residual_norms": [float(x) for x in res.norms],
         "eta": eta,
-        "alpha": alpha,
-        "rank": an.rank,
+        "alpha": hp["alpha"],
+        "rank": hp["rank"],
         "svd_seconds": an.svd_seconds,
+        "projection_seconds": parts.projection_seconds,
         "other_core": {
-            "core": "uncentered" if an.core == "centered" else "centered",
+            "core": "uncentered" if hp["core"] == "centered" else "centered",
             "singular_values": other["singular_values"],
             "core_ratio": other["core_norm"] / tau_bar if tau_bar > 0 else 0.0,
             "cos_v_tau_bar": other["cos_v_tau_bar"],
         },
     }
-    return Coefficients(core["a"], w, eta, diagnostics)
+    return eta, diagnostics
 
 
-def degenerate(an: Analysis, tv: TaskVectors) -> str | None:
-    """N = 1 or identical specialists (M_c = 0 up to the relative tolerance): R²M is WA."""
+def compose(tv: TaskVectors, parts: Parts, hp: dict, sink: Sink | None = None) -> MergeResult:
+    """θ* = (θ0 + τ_core) + η τ_res key by key from the scratches (eq. 6); no input is re-read
+    except the heads (averaged) and the non-floating keys (copied from θ0)."""
+    eta, diagnostics = point_coefficients(parts, hp)
+    bases = iter(parts.cores[(hp["core"], hp["k"])][2].replay())
+    residuals = iter(parts.residuals[hp["rank"]].scratch.replay())
+
+    def merged(p: TensorPlan) -> torch.Tensor:
+        (base,), (res,) = next(bases), next(residuals)
+        return base if eta == 0.0 else torch.add(base, res, alpha=eta)
+
+    sink = tv.emit(merged, sink)
+    result = tv.result("r2m", _hparams(hp), sink, diagnostics)
+    result.diagnostics["degenerate"] = None
+    return result
+
+
+def _hparams(hp: dict) -> dict:
+    return {"alpha": hp["alpha"], "rank": hp["rank"], "k": hp["k"], "core": hp["core"], "eta_mode": hp["eta_mode"]}
+
+
+def _full(hp: dict) -> dict:
+    return {"alpha": 0.5, "rank": 0.7, "k": 1, "core": "centered", "eta_mode": "normalized", **hp}
+
+
+def r2m_points(tv: TaskVectors, points: Sequence[dict], *, rtol: float = 1e-5, sinks=None) -> Iterator[tuple[dict, MergeResult]]:
+    """Every (α, r, k, core, η mode) point from ONE analysis: inputs are read twice in all (analysis,
+    build), then each point is composed from the scratches. Yields (point, result) in `points` order;
+    `sinks(point)` may give each point its own sink (default: the runtime's, else in memory)."""
+    points = [_full(hp) for hp in points]
+    for hp in points:
+        check_point(hp)
     if tv.n == 1:
-        return "single specialist"
-    g = an.g
-    n = g.shape[0]
-    c = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    top = float(torch.linalg.eigvalsh(c @ g @ c).max().clamp_min(0).sqrt())
-    if top <= an.rtol * math.sqrt(max(float(g.trace()), 0.0)):
-        return "identical specialists"
-    return None
-
-
-def compose(tv: TaskVectors, an: Analysis, co: Coefficients) -> MergeResult:
-    """Pass 2: θ* = θ0 + Σ_i a_i τ_i + η Σ_i w_i δ̃_i, key by key (eq. 6)."""
-    device = tv.runtime.resolved_device()
-    replay = iter(an.scratch.replay())
-    a = co.a.to(torch.float32)
-    w = (co.eta * co.w).to(torch.float32)
-
-    def merged(p: TensorPlan, theta0: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
-        tau = task_vectors(theta0, stack)
-        out = theta0 + a @ tau  # θ0 + τ_core
-        if co.eta == 0.0:
-            return out
-        delta = centred(tau)  # in place
-        if p.blocks:
-            stored = next(replay)
-            if stored:
-                projectors = [Projector.from_tensors(stored[j], stored[j + 1]) for j in range(0, len(stored), 2)]
-                delta = apply_blocks(delta, p.matrix_shape, p.blocks, projectors, device)
-        return out + w @ delta  # + η τ_res
-
-    sink = tv.write(merged, desc="r2m: compose")
-    hparams = {"alpha": co.diagnostics["alpha"], "rank": an.rank, "k": an.k, "core": an.core, "eta_mode": co.diagnostics["eta_mode"]}
-    return tv.result("r2m", hparams, sink, co.diagnostics)
+        for hp in points:
+            yield hp, _as_wa(average(tv, {"n_specialists": 1, "degenerate": "single specialist"}, sinks(hp) if sinks else None), hp)
+        return
+    an = analyse(tv, ranks=[hp["rank"] for hp in points], rtol=rtol)
+    reason = degenerate(an.g, tv.n, rtol)
+    if reason:
+        an.bases.close()
+        for hp in points:
+            yield hp, _as_wa(average(tv, {"n_specialists": tv.n, "degenerate": reason}, sinks(hp) if sinks else None), hp)
+        return
+    parts = build(tv, an, [(hp["core"], hp["k"]) for hp in points])
+    try:
+        for hp in points:
+            yield hp, compose(tv, parts, hp, sinks(hp) if sinks else None)
+    finally:
+        parts.close()
 
 
 def r2m(
@@ -211,26 +368,13 @@ def r2m(
     runtime: Runtime | None = None,
 ) -> MergeResult:
     """R²M(α, r, k) of SPEC section 5. Defaults α = 0.5, r = 0.7, k = 1 (paper C.4)."""
+    hp = {"alpha": alpha, "rank": rank, "k": k, "core": core, "eta_mode": eta_mode}
+    check_point(hp)
     tv = TaskVectors(pretrained, specialists, runtime)
-    hparams = {"alpha": alpha, "rank": rank, "k": k, "core": core, "eta_mode": eta_mode}
-    if tv.n == 1:
-        return _as_wa(average(tv, {"n_specialists": 1, "degenerate": "single specialist"}), hparams)
-    an = analyse(tv, rank=rank, k=k, core=core, rtol=rtol)
-    return merge_from_analysis(tv, an, alpha=alpha, eta_mode=eta_mode)
-
-
-def merge_from_analysis(tv: TaskVectors, an: Analysis, *, alpha: float, eta_mode: str = "normalized") -> MergeResult:
-    """Pass 2 for one α (the selection helper reuses one analysis across the α grid)."""
-    co = coefficients(an, alpha=alpha, eta_mode=eta_mode)
-    hparams = {"alpha": alpha, "rank": an.rank, "k": an.k, "core": an.core, "eta_mode": eta_mode}
-    reason = degenerate(an, tv)
-    if reason:
-        return _as_wa(average(tv, {**co.diagnostics, "degenerate": reason}), hparams)
-    result = compose(tv, an, co)
-    result.diagnostics["degenerate"] = None
+    ((_, result),) = list(r2m_points(tv, [hp], rtol=rtol))
     return result
 
 
 def _as_wa(result: MergeResult, hparams: dict) -> MergeResult:
-    result.method, result.hparams = "r2m", dict(hparams)
+    result.method, result.hparams = "r2m", _hparams(hparams)
     return result

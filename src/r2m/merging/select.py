@@ -2,8 +2,10 @@
 
 The caller scores a merged state dict on *seen validation* splits (e.g. mean AUC); this helper
 never sees data, so unseen sets cannot leak into the choice. Ties keep the first grid point.
-For R²M, the expensive analysis pass (Gram + layerwise SVDs) runs once per rank r and is
-reused across the α grid, since α only enters η.
+For R²M the whole grid comes from ONE analysis (`r2m.r2m_points`): one eigendecomposition per
+(specialist, matrix block) serves every r, the core reading and α only change N×N algebra, and
+each point is composed from disk scratch (a temporary `DiskScratch` unless the runtime brings
+one), so memory stays that of one merged model.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Callable, Sequence
 import torch
 
 from r2m.errors import MergeError
-from r2m.merging.r2m import Analysis, analyse, merge_from_analysis
+from r2m.merging.r2m import r2m_points
 from r2m.merging.registry import get_method
+from r2m.merging.stream import DiskScratch
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
 
 Score = Callable[[dict[str, torch.Tensor], dict], float]
@@ -53,14 +56,12 @@ def _results(spec, points, pretrained, specialists, runtime):
         for hp in points:
             yield hp, spec.fn(pretrained, specialists, runtime=runtime, **hp)
         return
-    tv = TaskVectors(pretrained, specialists, runtime)
-    analyses: dict[tuple, Analysis] = {}
-    for hp in sorted(points, key=lambda h: (h["rank"], h["k"], h["core"])):  # stable: α varies fastest
-        if tv.n == 1:
-            yield hp, spec.fn(pretrained, specialists, runtime=runtime, **hp)
-            continue
-        key = (hp["rank"], hp["k"], hp["core"])
-        if key not in analyses:
-            analyses.clear()  # grid is rank-major: one analysis alive at a time
-            analyses[key] = analyse(tv, rank=hp["rank"], k=hp["k"], core=hp["core"])
-        yield hp, merge_from_analysis(tv, analyses[key], alpha=hp["alpha"], eta_mode=hp["eta_mode"])
+    own = runtime is None or runtime.scratch is None
+    if own:
+        runtime = Runtime(**{**(runtime.__dict__ if runtime else {}), "scratch": DiskScratch()})
+    order = sorted(points, key=lambda h: (h["rank"], h["k"], h["core"]))  # stable: α varies fastest
+    try:
+        yield from r2m_points(TaskVectors(pretrained, specialists, runtime), order)
+    finally:
+        if own:
+            runtime.scratch.close()

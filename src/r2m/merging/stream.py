@@ -251,6 +251,8 @@ class SafetensorsSink:
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:
+        return memoryview(b"")
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
@@ -285,6 +287,7 @@ class DiskScratch:
     """Scratch spilled to one temporary file (large models): RSS stays flat, reads come back in order."""
 
     def __init__(self, directory: Path | str | None = None):
+        self.directory = directory
         fd, name = tempfile.mkstemp(prefix=".r2m-scratch-", suffix=".bin", dir=directory)
         self._fh = os.fdopen(fd, "w+b")
         self._path = Path(name)
@@ -311,7 +314,8 @@ class DiskScratch:
                 for s in shape:
                     numel *= s
                 buf = torch.empty(numel * _itemsize(dtype), dtype=torch.uint8)
-                os.preadv(fd, [memoryview(buf.numpy())], offset)
+                if numel:
+                    os.preadv(fd, [memoryview(buf.numpy())], offset)
                 out.append(buf.view(dtype).reshape(shape))
             yield out
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from r2m.checkpoint import HEAD_KEYS
 from r2m.errors import MergeError
-from r2m.merging.stream import DictSink, MemoryScratch, Scratch, Sink, TensorSource, as_source
+from r2m.merging.stream import DictSink, DiskScratch, MemoryScratch, Scratch, Sink, TensorSource, as_source
 
 Kind = Literal["merge", "copy", "head", "statistic"]
 
@@ -261,32 +261,49 @@ class TaskVectors:
     def layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         return [(p.key, p.shape, p.dtype) for p in self.plan]
 
-    def write(self, merged: Callable[[TensorPlan, torch.Tensor, torch.Tensor], torch.Tensor], with_theta0: bool = True, desc: str = "merge") -> Sink:
-        """Emit every key in plan order: `merged(plan, θ0, stack)` for merged keys, mean heads,
-        θ0 copies for non-floating keys. Returns the sink."""
-        sink = self.runtime.sink or DictSink(self.layout())
+    def sink(self, sink: Sink | None = None) -> Sink:
+        """The given sink, else the runtime's, else a new in-memory one."""
+        return sink or self.runtime.sink or DictSink(self.layout())
+
+    def write(self, merged: Callable[[TensorPlan, torch.Tensor, torch.Tensor], torch.Tensor], with_theta0: bool = True, desc: str = "merge", sink: Sink | None = None) -> Sink:
+        """Emit every key in plan order: `merged(plan, θ0, stack)` for merged keys (inputs streamed),
+        the rest as `emit` does. Returns the sink."""
         stream = self.stream(with_theta0, desc)
+
+        def one(p: TensorPlan) -> torch.Tensor:
+            q, theta0, stack = next(stream)
+            assert q is p
+            return merged(p, theta0, stack)
+
+        sink = self.emit(one, sink)
+        for _ in stream:  # pragma: no cover - exhausts the generator (closes the prefetch pool)
+            pass
+        return sink
+
+    def emit(self, merged: Callable[[TensorPlan], torch.Tensor], sink: Sink | None = None) -> Sink:
+        """Every key in plan order: `merged(plan)` for merged keys (finite-checked), mean heads,
+        θ0 copies for non-floating keys. The one place that decides what each plan kind gets."""
+        sink = self.sink(sink)
         for p in self.plan:
             if p.kind == "merge":
-                q, theta0, stack = next(stream)
-                assert q is p
-                out = merged(p, theta0, stack)
+                out = merged(p)
                 self.require_finite(p.key, out)
                 sink.put(p.key, out.reshape(p.shape))
             elif p.kind in ("head", "statistic"):
                 sink.put(p.key, self.mean_head(p.key))
             else:
                 sink.put(p.key, self.theta0.get(p.key))
-        for _ in stream:  # pragma: no cover - exhausts the generator (closes the prefetch pool)
-            pass
         return sink
 
     def result(self, method: str, hparams: dict, sink: Sink, diagnostics: dict) -> MergeResult:
         state = sink.tensors if isinstance(sink, DictSink) else None
         return MergeResult(method, dict(hparams), state, diagnostics)
 
-    def scratch(self) -> Scratch:
-        return self.runtime.scratch if self.runtime.scratch is not None else MemoryScratch()
+    def new_scratch(self) -> Scratch:
+        """A further scratch of the runtime's kind (a `DiskScratch` in the same folder, else memory);
+        the caller closes it."""
+        s = self.runtime.scratch
+        return DiskScratch(s.directory) if isinstance(s, DiskScratch) else MemoryScratch()
 
 
 def read_into(source: TensorSource, key: str, out: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from r2m.merging.stream import Sink
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors, TensorPlan, weight_mean
 
 
@@ -14,11 +15,11 @@ def weight_average(pretrained, specialists: Sequence, *, runtime: Runtime | None
     return average(TaskVectors(pretrained, specialists, runtime))
 
 
-def average(tv: TaskVectors, diagnostics: dict | None = None) -> MergeResult:
+def average(tv: TaskVectors, diagnostics: dict | None = None, sink: Sink | None = None) -> MergeResult:
     """θ_avg over already validated inputs (also R²M's answer for degenerate inputs)."""
 
     def merged(p: TensorPlan, theta0: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
         return weight_mean(stack, inplace=True)
 
-    sink = tv.write(merged, with_theta0=False, desc="wa")  # θ_avg never reads θ0's floats
+    sink = tv.write(merged, with_theta0=False, desc="wa", sink=sink)  # θ_avg never reads θ0's floats
     return tv.result("wa", {}, sink, diagnostics or {"n_specialists": tv.n})
