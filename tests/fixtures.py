@@ -92,7 +92,7 @@ def seed_mlflow_store(project: Path) -> Path:
 # ------------------------------------------------------------- the loop on tiny data (shared)
 
 LOOP = {
-    "model": {"name": "r2m-tiny", "lr": 3e-4},
+    "model": {"name": "r2m-tiny", "pretrained": None, "lr": 3e-4, "head_lr": None},
     "train": {"epochs": 2, "batch_size": 16},
     "flow": {"all_in_one": False, "min_specialist_val_auc": 0.6},
     "merge": {"select": False},

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 TINY = {
-    "model": {"name": "r2m-tiny", "lr": 3.0e-4},
+    "model": {"name": "r2m-tiny", "pretrained": None, "lr": 3.0e-4, "head_lr": None},
     "train": {"epochs": 1, "batch_size": 16},
     "merge": {"select": False, "baselines": ["wa"]},
     "export": {"int8": False, "parity_samples": 16},

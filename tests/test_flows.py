@@ -53,7 +53,7 @@ from r2m.tracking import mlflow_store, registry  # noqa: E402
 # A lenient gate and specialist check: two-epoch specialists on 8 validation images are noisy,
 # and what is tested here is the flow around the gate (the gate itself: test_gate.py).
 LOOP = {
-    "model": {"name": "r2m-tiny", "lr": 3.0e-4},
+    "model": {"name": "r2m-tiny", "pretrained": None, "lr": 3.0e-4, "head_lr": None},
     "train": {"epochs": 2, "batch_size": 16},
     "flow": {"all_in_one": False, "min_specialist_val_auc": 0.0, "retries": 2, "retry_delay_s": 0},
     "gate": {"max_drop": 1.0, "min_gain_macro": -1.0, "max_regression": 1.0, "min_auc": 0.0},

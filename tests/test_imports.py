@@ -64,7 +64,7 @@ def head_file(path, width: int, outputs: int = 2, seed: int = 3):
 
 
 def imported(path):
-    return load_detector(path).eval()  # nothing but the file and its sidecar
+    return load_detector(path, require_head=False).eval()  # nothing but the file and its sidecar (θ0 too)
 
 
 def hf_vision(act: str, seed: int = 0) -> CLIPVisionModel:

@@ -61,7 +61,7 @@ def test_theta0_sidecar_records_the_package(theta0):
 
 
 def test_detector_from_theta0_gives_pooled_trunk_features(theta0):
-    detector = load_detector(theta0).eval()
+    detector = load_detector(theta0, require_head=False)  # θ0 has no head: its features only
     assert detector.head.in_features == 1280
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

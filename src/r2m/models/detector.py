@@ -175,8 +175,12 @@ def build_detector(model_cfg: ModelConfig) -> Detector:
     return Detector(visual, feature_width(visual))
 
 
-def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device: torch.device | str = "cpu") -> Detector:
-    """A detector with the weights of a checkpoint; the model config comes from its sidecar by default."""
+def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device: torch.device | str = "cpu",
+                  *, require_head: bool = True) -> Detector:
+    """A detector with the weights of a checkpoint; the model config comes from its sidecar by default.
+
+    A backbone-only file (θ0) is refused unless `require_head=False` (its features only: the
+    head is then untrained and must not score images)."""
     ckpt = load_checkpoint(path)
     if model_cfg is None:
         name = sidecar_model_name(ckpt.meta.get("model"), path)
@@ -186,7 +190,7 @@ def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device
     else:
         model_cfg = ModelConfig(name=model_cfg.name)  # weights come from the file, never from a hub
     missing_head = [k for k in HEAD_KEYS if k not in ckpt.tensors]
-    if missing_head:  # a pretrained θ0 (backbone only) would be scored with a random head
+    if missing_head and require_head:  # a pretrained θ0 (backbone only) would be scored with a random head
         raise CheckpointError(path, f"no trained head (no key '{missing_head[0]}'): a backbone-only file such as "
                                     "θ0 cannot score images; give a specialist or merged checkpoint")
     detector = build_detector(model_cfg)
