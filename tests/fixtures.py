@@ -140,3 +140,12 @@ def make_data(root):
     add(root, "sq2-ff", family="FR", seed=2)
     add(root, "sq-un", role="unseen", family="other", seed=3)
     return root
+
+
+def one_line_error(result, *needles: str) -> None:
+    """A CLI result that failed with exit 2 and one line (no traceback) naming every needle."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 
-from fixtures import make_generator_dataset, seed_mlflow_store
+from fixtures import make_generator_dataset, one_line_error, seed_mlflow_store
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -32,14 +32,6 @@ LOOP = {
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def versions(client, generator):

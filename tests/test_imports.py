@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 from typer.testing import CliRunner
+from fixtures import one_line_error
 
 from r2m.checkpoint import file_sha256, read_meta
 from r2m.cli import app
@@ -31,14 +32,6 @@ HF_TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def pixels(size: int, n: int = 3) -> torch.Tensor:

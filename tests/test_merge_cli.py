@@ -8,6 +8,7 @@ import struct
 import pytest
 import torch
 from typer.testing import CliRunner
+from fixtures import one_line_error
 
 from r2m.checkpoint import file_sha256, save_checkpoint
 from r2m.cli import app
@@ -78,14 +79,6 @@ def test_r2m_defaults_come_from_params(checkpoints, tmp_path, project):
     assert meta["hparams"]["alpha"] == 0.6 and meta["hparams"]["rank"] == 0.3 and meta["hparams"]["core"] == "uncentered"
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def _write_specialist(path, state, meta):
     save_checkpoint(path, state, meta)
     return path
@@ -99,40 +92,40 @@ def test_bad_inputs_exit_nonzero_with_one_line(checkpoints, tmp_path, project):
     out = tmp_path / "out.safetensors"
 
     # empty specialist list
-    _one_line_error(run("--method", "wa", "--pretrained", c["theta0"], "--out", out), "no specialists")
+    one_line_error(run("--method", "wa", "--pretrained", c["theta0"], "--out", out), "no specialists")
     # missing file
-    _one_line_error(run("--method", "wa", *base, "--specialist", tmp_path / "nope.safetensors", "--out", out), "nope.safetensors", "no such")
+    one_line_error(run("--method", "wa", *base, "--specialist", tmp_path / "nope.safetensors", "--out", out), "nope.safetensors", "no such")
     # different shapes
     bad = _write_specialist(tmp_path / "shape.safetensors", {**state, QKV: torch.zeros(3, 3)}, good_meta)
-    _one_line_error(run("--method", "r2m", *base, "--specialist", bad, "--out", out), "shape.safetensors", QKV, "shape")
+    one_line_error(run("--method", "r2m", *base, "--specialist", bad, "--out", out), "shape.safetensors", QKV, "shape")
     # different keys
     missing = {k: v for k, v in state.items() if k != QKV}
     bad = _write_specialist(tmp_path / "keys.safetensors", missing, good_meta)
-    _one_line_error(run("--method", "ta", *base, "--specialist", bad, "--out", out), "keys.safetensors", QKV, "missing")
+    one_line_error(run("--method", "ta", *base, "--specialist", bad, "--out", out), "keys.safetensors", QKV, "missing")
     # specialist from another θ0
     bad = _write_specialist(tmp_path / "other.safetensors", state, {**good_meta, "theta0_sha256": "0" * 64})
-    _one_line_error(run("--method", "wa", *base, "--specialist", bad, "--out", out), "other.safetensors", "another θ0")
+    one_line_error(run("--method", "wa", *base, "--specialist", bad, "--out", out), "other.safetensors", "another θ0")
     # no θ0 hash at all
     bad = _write_specialist(tmp_path / "nohash.safetensors", state, {"kind": "specialist"})
-    _one_line_error(run("--method", "wa", *base, "--specialist", bad, "--out", out), "nohash.safetensors", "theta0_sha256")
+    one_line_error(run("--method", "wa", *base, "--specialist", bad, "--out", out), "nohash.safetensors", "theta0_sha256")
     # NaN and Inf weights
     for name, value in (("nan", float("nan")), ("inf", float("inf"))):
         poisoned = {**state, QKV: state[QKV].clone()}
         poisoned[QKV][1, 2] = value
         bad = _write_specialist(tmp_path / f"{name}.safetensors", poisoned, good_meta)
-        _one_line_error(run("--method", "ties", *base, "--specialist", bad, "--out", out), f"{name}.safetensors", QKV, "NaN or Inf")
+        one_line_error(run("--method", "ties", *base, "--specialist", bad, "--out", out), f"{name}.safetensors", QKV, "NaN or Inf")
     # non-floating tensor where a float is expected
     key = "backbone.ln_pre.weight"
     bad = _write_specialist(tmp_path / "int.safetensors", {**state, key: state[key].to(torch.int64)}, good_meta)
-    _one_line_error(run("--method", "cart", *base, "--specialist", bad, "--out", out), "int.safetensors", key, "floating")
+    one_line_error(run("--method", "cart", *base, "--specialist", bad, "--out", out), "int.safetensors", key, "floating")
     # not a safetensors file
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(struct.pack("<Q", 10**6) + b"{}")
-    _one_line_error(run("--method", "wa", *base, "--specialist", junk, "--out", out), "junk.safetensors")
+    one_line_error(run("--method", "wa", *base, "--specialist", junk, "--out", out), "junk.safetensors")
     # a flag that does not apply, a bad option value, an unknown method
-    _one_line_error(run("--method", "wa", *base, "--alpha", "0.5", "--out", out), "--alpha", "wa")
-    _one_line_error(run("--method", "r2m", *base, "--core", "sideways", "--out", out), "core")
-    _one_line_error(run("--method", "soup", *base, "--out", out), "soup")
+    one_line_error(run("--method", "wa", *base, "--alpha", "0.5", "--out", out), "--alpha", "wa")
+    one_line_error(run("--method", "r2m", *base, "--core", "sideways", "--out", out), "core")
+    one_line_error(run("--method", "soup", *base, "--out", out), "soup")
     # nothing half-written
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -151,7 +144,7 @@ def test_bare_checkpoints_merge_only_with_assume_theta0(checkpoints, tmp_path, p
         bare.append(path)
     out = tmp_path / "m.safetensors"
     args = ["--method", "wa", "--pretrained", c["theta0"], "--specialist", bare[0], "--specialist", bare[1], "--out", out]
-    _one_line_error(run(*args), "bare0.safetensors", "--assume-theta0")
+    one_line_error(run(*args), "bare0.safetensors", "--assume-theta0")
     assert not out.exists()
 
     result = run(*args, "--assume-theta0")
@@ -175,6 +168,6 @@ def test_bare_checkpoints_merge_only_with_assume_theta0(checkpoints, tmp_path, p
     # a specialist recording another θ0 is refused even with the flag
     other = _write_specialist(tmp_path / "other.safetensors", c["states"][2],
                               {"kind": "specialist", "model": c["model"], "theta0_sha256": "0" * 64})
-    _one_line_error(run("--method", "wa", "--pretrained", c["theta0"], "--specialist", bare[0], "--specialist", other,
+    one_line_error(run("--method", "wa", "--pretrained", c["theta0"], "--specialist", bare[0], "--specialist", other,
                         "--out", tmp_path / "m3.safetensors", "--assume-theta0"), "other.safetensors", "another θ0")
     assert not (tmp_path / "m3.safetensors").exists()
