@@ -5,10 +5,14 @@
             join the evaluation suite; invalid ones are quarantined.
 - `onboard` (by hand):   the same steps for named datasets (`generators=[...]`, None = all new).
 
-Each task is one call into `r2m.pipeline`, so `r2m run` (no Prefect) and these flows take the
-same steps with the same idempotence: a specialist is keyed by its data/θ0/recipe hashes and a
-candidate by its specialists, both in MLflow, so a rerun after a crash redoes only what is
-missing. Heavy steps (training, re-merge + evaluation, export) hold the global concurrency
+The sequence of steps is defined once, in `r2m.pipeline.loop.run_steps`: `r2m run` passes it
+the plain functions (`plain_steps`), these flows Prefect tasks around the same functions
+(`task_steps`), so both take the same steps with the same idempotence: a specialist is keyed by
+its data/θ0/recipe hashes and a candidate by its specialists, both in MLflow, so a rerun after a
+crash redoes only what is missing. With `flow.work_pool` set, the fine-tuning of the backlog is
+handed to the training deployment on that Prefect work pool and runs in parallel there
+(`flows/pool.py`); each `onboard-<dataset>` task waits for its own training, in onboarding order,
+and the re-merge → gate → release steps stay one at a time. Heavy steps (training, re-merge + evaluation, export) hold the global concurrency
 limit `r2m-compute` (`flow.compute_slots`, 1 by default), so two flow runs never train at the
 same time on a small host. Each flow run also holds the project lock of `r2m run`
 (`r2m.pipeline.lock`, a file lock on `<artifacts>/.r2m.lock`) from before the scan to the end,
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,16 +41,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
+from flows import pool as pool_training
 from r2m import pipeline
+from r2m.checkpoint import file_sha256
 from r2m.config import Params, load_params
 from r2m.data import GeneratorDataset
 from r2m.errors import DatasetError, R2MError
 from r2m.models import ensure_pretrained
 from r2m.pipeline.lock import project_lock
-from r2m.pipeline.loop import clean_leftovers, ensure_all_in_one, is_released, onboarded_check, pending_steps
-from r2m.pipeline.promotion import serve_champion
+from r2m.pipeline.loop import LoopSteps, clean_leftovers, onboarded_check, plain_steps, run_steps
+from r2m.pipeline.pool import fetch_trained
 from r2m.pipeline.safety import SpecialistCheck
-from r2m.pipeline.specialists import ACCEPTED
 from r2m.tracking import mlflow_store, registry
 
 COMPUTE_LIMIT = "r2m-compute"  # Prefect global concurrency limit held by every heavy step
@@ -106,6 +112,11 @@ def scan_data_root(params: Params, pretrained: Path) -> pipeline.Scan:
     return pipeline.scan(params, onboarded_check(params, mlflow_store.client(params), pretrained))
 
 
+def plain(params: Params, pretrained: Path) -> LoopSteps:
+    """The loop's steps as `r2m run` takes them: each task below calls one of these."""
+    return plain_steps(params, mlflow_store.client(params), pretrained)
+
+
 @task(name="accepted-specialists", cache_policy=NO_CACHE)
 def accepted_specialists(params: Params, generators: Sequence[str]) -> list[pipeline.Specialist]:
     """The newest accepted specialist of each seen generator, from the registry."""
@@ -119,15 +130,37 @@ def onboard_generator(
 ) -> tuple[pipeline.Specialist, SpecialistCheck | None]:
     """Fine-tune, check (own val AUC, agreement with trusted real images) and register one specialist."""
     with compute_slot():
+        return plain(params, pretrained).onboard(dataset, accepted, seen)
+
+
+@task(name="train-on-pool", task_run_name="train-{dataset.name}", cache_policy=NO_CACHE)
+def start_pool_training(dataset: GeneratorDataset, params: Params, theta0_sha256: str) -> str | None:
+    """Hand one dataset's fine-tuning to the work pool (returns at once: the flow run id, None
+    when it is trained already). No compute slot: the pool's workers bound the trainings."""
+    return pool_training.start_training(params, dataset, theta0_sha256)
+
+
+@task(name="onboard-specialist", task_run_name="onboard-{dataset.name}", cache_policy=NO_CACHE)
+def onboard_from_pool(
+    dataset: GeneratorDataset, params: Params, pretrained: Path, accepted: Sequence[pipeline.Specialist],
+    seen: Sequence[GeneratorDataset], flow_run_id: str | None,
+) -> tuple[pipeline.Specialist, SpecialistCheck | None]:
+    """Wait for this dataset's training on the pool, fetch the checkpoint from its MLflow run, then
+    check and register the specialist from that run (the same `onboard_specialist`)."""
+    client = mlflow_store.client(params)
+    run_id = pool_training.trained_run(params, dataset, file_sha256(pretrained), flow_run_id)
+    path = fetch_trained(params, client, run_id)
+    get_run_logger().info("specialist %s trained on the work pool: MLflow run %s", dataset.name, run_id)
+    with compute_slot():
         return pipeline.onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted,
-                                           datasets=seen)
+                                           datasets=seen, client=client, trained=(run_id, path))
 
 
 @task(name="all-in-one", task_run_name="all-in-one", cache_policy=NO_CACHE)
 def train_all_in_one(datasets: Sequence[GeneratorDataset], params: Params, pretrained: Path) -> Path:
     """The All-in-one baseline (one model on every seen dataset), scored beside the merges."""
     with compute_slot():
-        return ensure_all_in_one(list(datasets), params, pretrained=pretrained)
+        return plain(params, pretrained).all_in_one(list(datasets))
 
 
 @task(name="remerge", task_run_name="remerge", cache_policy=NO_CACHE)
@@ -141,20 +174,17 @@ def remerge_candidate(
 ) -> pipeline.Candidate | None:
     """R²M over `specialists` (+ baselines on the final step), evaluate, gate, register the candidate."""
     with compute_slot():
-        return pipeline.remerge(params, mlflow_store.client(params), pretrained, specialists, found.seen,
-                                found.unseen, all_in_one=all_in_one, baselines=final)
+        return plain(params, pretrained).remerge(specialists, found, all_in_one, final)
 
 
 @task(name="release", task_run_name="release-v{candidate.version}", cache_policy=NO_CACHE)
 def release_candidate(
-    params: Params, candidate: pipeline.Candidate, seen: Sequence[GeneratorDataset],
+    params: Params, pretrained: Path, candidate: pipeline.Candidate, seen: Sequence[GeneratorDataset],
     specialists: Sequence[pipeline.Specialist],
 ) -> pipeline.Release:
     """ONNX export + parity, register, move `champion`, publish (the gate passed)."""
     with compute_slot():
-        return pipeline.release(params, mlflow_store.client(params), candidate.version, candidate.path,
-                                candidate.sha256, seen,
-                                lineage={"specialists": {s.generator: s.version for s in specialists}})
+        return plain(params, pretrained).release(candidate, seen, specialists)
 
 
 @task(name="champion", cache_policy=NO_CACHE)
@@ -165,49 +195,46 @@ def current_champion(params: Params) -> str | None:
 # ------------------------------------------------------------------------------- the flows
 
 
+def task_steps(params: Params, pretrained: Path) -> LoopSteps:
+    """The loop's steps as Prefect tasks (with the retries of params.yaml) around the functions
+    of `plain_steps`; with `flow.work_pool` set, the fine-tuning runs on the pool: the backlog is
+    handed over first (`train-<dataset>` tasks) and each `onboard-<dataset>` waits for its own."""
+    retrying = retry_options(params)
+    steps = LoopSteps(
+        accepted=lambda generators: accepted_specialists(params, generators),
+        onboard=lambda dataset, accepted, seen: onboard_generator.with_options(**retrying)(
+            dataset, params, pretrained, accepted, seen),
+        all_in_one=lambda datasets: train_all_in_one.with_options(**retrying)(datasets, params, pretrained),
+        remerge=lambda specialists, found, all_in_one, final: remerge_candidate.with_options(**retrying)(
+            params, pretrained, specialists, found, all_in_one, final),
+        release=lambda candidate, seen, specialists: release_candidate.with_options(**retrying)(
+            params, pretrained, candidate, seen, specialists),
+        champion=lambda: current_champion(params),
+    )
+    if not params.flow.work_pool:
+        return steps
+    theta0 = file_sha256(pretrained)
+    dispatched: dict[str, str | None] = {}
+
+    def start_training(datasets: Sequence[GeneratorDataset]) -> None:
+        for dataset in datasets:
+            dispatched[dataset.name] = start_pool_training.with_options(**retrying)(dataset, params, theta0)
+
+    def onboard(dataset, accepted, seen):
+        return onboard_from_pool.with_options(**retrying)(dataset, params, pretrained, accepted, seen,
+                                                          dispatched.get(dataset.name))
+
+    return replace(steps, start_training=start_training, onboard=onboard)
+
+
 def onboard_and_release(params: Params, pretrained: Path, found: pipeline.Scan,
                         datasets: Sequence[GeneratorDataset]) -> pipeline.LoopReport:
-    """Onboard `datasets` one by one, each accepted specialist followed by a re-merge of all
-    accepted so far, gate and release (the steps of `r2m.pipeline.loop`); the last step also
-    scores the baselines and All-in-one. Called inside a flow. A rerun with nothing new finds the
-    registered candidates and releases, so it trains, merges and registers nothing; after a crash
-    it redoes the steps the registry shows as owed, in order.
+    """The loop's one sequence (`r2m.pipeline.loop.run_steps`) over `datasets`, with the steps as
+    Prefect tasks (`task_steps`), then the run's artifacts. Called inside a flow. A rerun with
+    nothing new finds the registered candidates and releases, so it trains, merges and registers
+    nothing; after a crash it redoes the steps the registry shows as owed, in order.
     """
-    retrying = retry_options(params)
-    report = pipeline.LoopReport(scan=found)
-    seen_names = [d.name for d in found.seen]
-
-    def step(specialists: list[pipeline.Specialist], final: bool) -> pipeline.Candidate | None:
-        all_in_one = None
-        if final and params.flow.all_in_one and specialists:
-            with_specialist = [d for d in found.seen if d.name in {s.generator for s in specialists}]
-            all_in_one = train_all_in_one.with_options(**retrying)(with_specialist, params, pretrained)
-        candidate = remerge_candidate.with_options(**retrying)(params, pretrained, specialists, found, all_in_one,
-                                                               final)
-        if candidate is not None and candidate.gate_passed and not is_released(mlflow_store.client(params), candidate):
-            seen = [d for d in found.seen if d.name in {s.generator for s in specialists}]
-            report.release = release_candidate.with_options(**retrying)(params, candidate, seen, specialists)
-        if candidate is not None and not final:
-            report.steps.append(candidate)
-        return candidate
-
-    accepted = accepted_specialists(params, seen_names)
-    for specialists in pending_steps(mlflow_store.client(params), accepted):  # steps a crash left undone
-        if len(specialists) < len(accepted) or datasets:
-            step(specialists, final=False)
-    for i, dataset in enumerate(datasets):
-        specialist, check = onboard_generator.with_options(**retrying)(dataset, params, pretrained, accepted,
-                                                                       found.seen)
-        report.onboarded.append(specialist)
-        if check is not None:
-            report.checks.append(check)
-        accepted = accepted_specialists(params, seen_names)
-        if specialist.status == ACCEPTED and i < len(datasets) - 1:
-            step(accepted, final=False)
-    report.specialists = accepted
-    report.candidate = step(accepted, final=True)
-    serve_champion(params, mlflow_store.client(params))  # also after a rollback or a kill mid-release
-    report.champion = current_champion(params)
+    report = run_steps(params, mlflow_store.client(params), found, list(datasets), task_steps(params, pretrained))
     publish_reports(params, report)
     logger = get_run_logger()
     for line in report.lines():

@@ -215,6 +215,12 @@ class FlowConfig(Section):
     max_real_disagreement: float = 0.8  # AUC above which a specialist calls trusted reals fake: poisoned
     all_in_one: bool = True  # train and score the All-in-one baseline beside the merges
     compute_slots: int = Field(1, ge=1)  # heavy steps (training, re-merge, export) at once across flow runs
+    # Training on a Prefect work pool (flows/pool.py): None = in-process (the default, and always
+    # for `r2m run`); a pool name = the flows hand each new dataset's fine-tuning to the deployment
+    # `train_deployment` on that pool, so a backlog trains in parallel, one run per worker
+    work_pool: str | None = None
+    train_deployment: str = "r2m-train-specialist/pool"  # "<flow name>/<deployment name>"
+    train_timeout_s: int = Field(86400, ge=1)  # how long the loop waits for one training run
 
 
 class Params(Section):

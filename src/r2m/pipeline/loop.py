@@ -15,6 +15,11 @@ What a kill -9 leaves in the folders the loop owns (`….tmp` files of unfinishe
 a checkpoint without its sidecar) is removed first (`clean_leftovers`), and every run ends by
 making the repository serve `champion` (`serve_champion`).
 
+One definition of the sequence: `run_steps` takes the steps as callables (`LoopSteps`);
+`run_once` (`r2m run`) passes the plain functions (`plain_steps`), `flows/continual.py` Prefect
+tasks around the same functions (and, with a work pool, an `onboard` that waits for the pool's
+training run), so the flows cannot take other steps than `r2m run`.
+
 One run at a time per project: `run_once` holds the project lock (`r2m.pipeline.lock`) from
 before the scan to the end, as the Prefect flows do.
 """
@@ -26,9 +31,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 from r2m.checkpoint import file_sha256, sidecar_path
 from r2m.config import Params
+from r2m.data import GeneratorDataset
 from r2m.models import ensure_pretrained
 from r2m.pipeline.candidate import Candidate, remerge
 from r2m.pipeline.external import has_external
@@ -158,20 +165,55 @@ def clean_leftovers(params: Params) -> list[Path]:
     return removed
 
 
-def run_once(params: Params, *, progress: bool = True, wait: bool = True, on_wait=None) -> LoopReport:
-    """The loop once, without Prefect (`r2m run`); `flows/continual.py` takes the same steps as tasks.
+@dataclass(frozen=True)
+class LoopSteps:
+    """The loop's steps as callables: the one sequence, `run_steps`, calls nothing else.
 
-    Holds the project lock throughout: another run in progress is waited for (`wait`, telling
-    `on_wait`), or refused with `LoopBusy`."""
-    with project_lock(params, wait=wait, on_wait=on_wait):
-        clean_leftovers(params)
-        return _run_locked(params, progress)
+    `plain_steps` binds them to the functions of `r2m.pipeline` (`r2m run`); `flows/continual.py`
+    passes Prefect tasks around the same functions, and with `flow.work_pool` set an `onboard`
+    that waits for a training run on the pool (`start_training` hands the whole backlog to the
+    pool first, so it trains in parallel while the steps below stay one at a time, in order).
+    """
+
+    accepted: Callable[[Sequence[str]], list[Specialist]]  # newest accepted specialist per generator
+    onboard: Callable[[GeneratorDataset, Sequence[Specialist], Sequence[GeneratorDataset]],
+                      tuple[Specialist, SpecialistCheck | None]]  # train (or wait), check, register
+    all_in_one: Callable[[Sequence[GeneratorDataset]], Path]
+    remerge: Callable[[Sequence[Specialist], Scan, Path | None, bool], Candidate | None]  # + gate
+    release: Callable[[Candidate, Sequence[GeneratorDataset], Sequence[Specialist]], Release]
+    champion: Callable[[], str | None]
+    start_training: Callable[[Sequence[GeneratorDataset]], None] = lambda datasets: None  # in-process: nothing
 
 
-def _run_locked(params: Params, progress: bool) -> LoopReport:
-    client = mlflow_store.client(params)
-    pretrained = ensure_pretrained(params, progress=progress)
-    found = scan(params, onboarded_check(params, client, pretrained))
+def plain_steps(params: Params, client, pretrained: Path, *, progress: bool = True) -> LoopSteps:
+    """The steps as plain calls into `r2m.pipeline` (no Prefect): what `r2m run` takes."""
+    return LoopSteps(
+        accepted=lambda generators: registered_specialists(params, generators, client),
+        onboard=lambda dataset, accepted, seen: onboard_specialist(
+            dataset, params, pretrained=pretrained, accepted=accepted, datasets=seen, progress=progress,
+            client=client),
+        all_in_one=lambda datasets: ensure_all_in_one(datasets, params, pretrained, progress=progress),
+        remerge=lambda specialists, found, all_in_one, final: remerge(
+            params, client, pretrained, specialists, found.seen, found.unseen, all_in_one=all_in_one,
+            baselines=final, progress=progress),
+        release=lambda candidate, seen, specialists: release(
+            params, client, candidate.version, candidate.path, candidate.sha256, seen,
+            lineage=lineage_of(specialists)),
+        champion=lambda: registry.alias_version(client, registry.CHAMPION),
+    )
+
+
+def lineage_of(specialists: Sequence[Specialist]) -> dict:
+    return {"specialists": {s.generator: s.version for s in specialists}}
+
+
+def run_steps(params: Params, client, found: Scan, datasets: Sequence[GeneratorDataset],
+              steps: LoopSteps) -> LoopReport:
+    """The loop's one sequence, after the scan: onboard `datasets` one by one, each accepted
+    specialist followed by a re-merge of all accepted so far, gate and release; the last step
+    (over every accepted specialist) also scores the baselines and All-in-one. Steps a crash
+    left undone (`pending_steps`) come first, in order; the run ends by making the repository
+    serve `champion`. Call it holding the project lock."""
     report = LoopReport(scan=found)
     seen_names = [d.name for d in found.seen]
 
@@ -180,31 +222,44 @@ def _run_locked(params: Params, progress: bool) -> LoopReport:
         merged_data = [d for d in found.seen if d.name in {s.generator for s in specialists}]
         all_in_one = None
         if final and params.flow.all_in_one and specialists:
-            all_in_one = ensure_all_in_one(merged_data, params, pretrained, progress=progress)
-        candidate = remerge(params, client, pretrained, specialists, found.seen, found.unseen,
-                            all_in_one=all_in_one, baselines=final, progress=progress)
+            all_in_one = steps.all_in_one(merged_data)
+        candidate = steps.remerge(specialists, found, all_in_one, final)
         if candidate is not None and candidate.gate_passed and not is_released(client, candidate):
-            report.release = release(params, client, candidate.version, candidate.path, candidate.sha256,
-                                     merged_data, lineage={"specialists": {s.generator: s.version for s in specialists}})
+            report.release = steps.release(candidate, merged_data, specialists)
         if candidate is not None and not final:
             report.steps.append(candidate)
         return candidate
 
-    accepted = registered_specialists(params, seen_names, client)
+    accepted = steps.accepted(seen_names)
     for specialists in pending_steps(client, accepted):  # steps a crash left undone
-        if len(specialists) < len(accepted) or found.to_onboard:  # else: the final step below
+        if len(specialists) < len(accepted) or datasets:  # else: the final step below
             step(specialists, final=False)
-    for i, dataset in enumerate(found.to_onboard):
-        specialist, check = onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted,
-                                               datasets=found.seen, progress=progress, client=client)
+    if datasets:
+        steps.start_training(datasets)  # a work pool trains the backlog in parallel; in-process: no-op
+    for i, dataset in enumerate(datasets):
+        specialist, check = steps.onboard(dataset, accepted, found.seen)
         report.onboarded.append(specialist)
         if check is not None:
             report.checks.append(check)
-        accepted = registered_specialists(params, seen_names, client)
-        if specialist.status == ACCEPTED and i < len(found.to_onboard) - 1:
+        accepted = steps.accepted(seen_names)
+        if specialist.status == ACCEPTED and i < len(datasets) - 1:
             step(accepted, final=False)
     report.specialists = accepted
     report.candidate = step(accepted, final=True)
     serve_champion(params, client)  # also after a rollback, or a kill between promote and publish
-    report.champion = registry.alias_version(client, registry.CHAMPION)
+    report.champion = steps.champion()
     return report
+
+
+def run_once(params: Params, *, progress: bool = True, wait: bool = True, on_wait=None) -> LoopReport:
+    """The loop once, without Prefect (`r2m run`): `run_steps` with `plain_steps`.
+
+    Holds the project lock throughout: another run in progress is waited for (`wait`, telling
+    `on_wait`), or refused with `LoopBusy`."""
+    with project_lock(params, wait=wait, on_wait=on_wait):
+        clean_leftovers(params)
+        client = mlflow_store.client(params)
+        pretrained = ensure_pretrained(params, progress=progress)
+        found = scan(params, onboarded_check(params, client, pretrained))
+        return run_steps(params, client, found, found.to_onboard,
+                         plain_steps(params, client, pretrained, progress=progress))

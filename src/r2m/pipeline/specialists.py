@@ -11,6 +11,7 @@ its checkpoint is found through the artifact URI (`r2m.tracking.artifacts`), not
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ from typing import Sequence
 from r2m.checkpoint import file_sha256, read_meta
 from r2m.config import Params
 from r2m.data import GeneratorDataset
+from r2m.errors import RegistryError
 from r2m.pipeline.safety import SpecialistCheck, check_specialist
 from r2m.tracking import mlflow_store, registry, runs
 from r2m.tracking.artifacts import ARTIFACT_URI_TAG, checkpoint_uri, resolve_checkpoint
@@ -110,12 +112,15 @@ def onboard_specialist(
     datasets: Sequence[GeneratorDataset] = (),
     progress: bool = True,
     client=None,
+    trained: tuple[str, Path] | None = None,
 ) -> tuple[Specialist, SpecialistCheck | None]:
     """Train (unless already trained), check and register the specialist of `dataset`.
 
     `accepted` are the specialists accepted so far and `datasets` the validated seen datasets:
     the accepted ones' real images are the trusted reference of the outlier check (the very first
-    specialist has none).
+    specialist has none). `trained`: (MLflow run id, its checkpoint fetched here) of a training
+    done elsewhere (a work-pool worker, `r2m.pipeline.pool`): nothing is trained here, and the
+    version is registered from that run, whose artifact holds the checkpoint.
     """
     client = client or mlflow_store.client(params)
     by_name = {d.name: d for d in datasets}
@@ -125,11 +130,14 @@ def onboard_specialist(
     if mv is not None and mv.tags.get("status") in (ACCEPTED, REJECTED):
         return _from_version(mv, params, client), None
 
-    path = checkpoint_path(dataset, params)
+    run_id, path = trained if trained is not None else (None, checkpoint_path(dataset, params))
     meta = read_meta(path) if path.is_file() else {}
     if not (meta.get("sha256") == (file_sha256(path) if path.is_file() else None)
             and meta.get("data_hash") == dataset.data_hash and meta.get("theta0_sha256") == theta0
             and meta.get("recipe") == recipe(params)):
+        if trained is not None:
+            raise RegistryError(f"training run {run_id}: its checkpoint {path.name} is not the specialist of "
+                                f"{dataset.name} with this data, θ0 and recipe")
         train_specialist([dataset], params, path, pretrained=pretrained, name=dataset.name, progress=progress)
         meta = read_meta(path)
 
@@ -138,7 +146,7 @@ def onboard_specialist(
                              pretrained=pretrained, params=params)
     name = registry.specialist_model_name(dataset.name)
     if mv is None:
-        return register_checked(client, params, path, dataset, check, meta), check
+        return register_checked(client, params, path, dataset, check, meta, run_id=run_id), check
     # a version left without its verdict by an older release: add what it lacks, rewrite nothing
     registry.set_tags_once(client, name, mv.version, _verdict(dataset, check))
     return _from_version(client.get_model_version(name, str(mv.version)), params, client), check
@@ -155,13 +163,20 @@ def _verdict(dataset: GeneratorDataset, check: SpecialistCheck) -> dict:
 
 
 def register_checked(client, params: Params, path: Path, dataset: GeneratorDataset, check: SpecialistCheck,
-                     meta: dict, extra_tags: dict | None = None) -> Specialist:
+                     meta: dict, extra_tags: dict | None = None, run_id: str | None = None) -> Specialist:
     """Log the checked specialist's run and register it as a new version of `specialist-<generator>`
-    with every tag at once (identity, verdict, artifact URI, `extra_tags`)."""
+    with every tag at once (identity, verdict, artifact URI, `extra_tags`). `run_id`: the run of a
+    training done elsewhere, which already holds the checkpoint: the check's metrics go to it."""
     verdict = _verdict(dataset, check)
-    run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client, extra_metrics={
-        "check/real_disagreement": check.real_disagreement, "check/task_vector_cosine": check.task_vector_cosine,
-    })
+    check_metrics = {"check/real_disagreement": check.real_disagreement,
+                     "check/task_vector_cosine": check.task_vector_cosine}
+    if run_id is None:
+        run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client,
+                                         extra_metrics=check_metrics)
+    else:
+        for key, value in check_metrics.items():
+            if value is not None and math.isfinite(value):  # none yet for the first specialist
+                client.log_metric(run_id, key, float(value))
     client.set_tag(run_id, "status", verdict["status"])
     for key, value in (extra_tags or {}).items():
         client.set_tag(run_id, key, value)
