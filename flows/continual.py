@@ -9,18 +9,24 @@ The sequence of steps is defined once, in `r2m.pipeline.loop.run_steps`: `r2m ru
 the plain functions (`plain_steps`), these flows Prefect tasks around the same functions
 (`task_steps`), so both take the same steps with the same idempotence: a specialist is keyed by
 its data/θ0/recipe hashes and a candidate by its specialists, both in MLflow, so a rerun after a
-crash redoes only what is missing. With `flow.work_pool` set, the fine-tuning of the backlog is
-handed to the training deployment on that Prefect work pool and runs in parallel there
-(`flows/pool.py`); each `onboard-<dataset>` task waits for its own training, in onboarding order,
-and the re-merge → gate → release steps stay one at a time. Heavy steps (training, re-merge + evaluation, export) hold the global concurrency
-limit `r2m-compute` (`flow.compute_slots`, 1 by default), so two flow runs never train at the
-same time on a small host. Each flow run also holds the project lock of `r2m run`
-(`r2m.pipeline.lock`, a file lock on `<artifacts>/.r2m.lock`) from before the scan to the end,
-so a flow run, `r2m run` and another flow run on the same project never overlap: a second
-start waits for the first and then finds its work done. Transient failures (I/O, a locked SQLite store) are retried
-`flow.retries` times; an `R2MError` (bad data, a failed check or gate) is not, since the same
-input fails the same way. Every run leaves table/markdown artifacts: the datasets found, the
-specialists, and the gate report with links to the MLflow runs.
+crash redoes only what is missing.
+
+With `flow.work_pool` set, the fine-tuning of the backlog is handed to the training deployment
+on that Prefect work pool and runs in parallel there (`flows/pool.py`); each `onboard-<dataset>`
+task waits for its own training, in onboarding order, and the re-merge → gate → release steps
+stay one at a time.
+
+Heavy steps (training, re-merge + evaluation, export) hold the global concurrency limit
+`r2m-compute` (`flow.compute_slots`, 1 by default), so two flow runs never train at the same
+time on a small host (training on a work pool takes no slot: the pool's workers bound it; the
+check and registration of its result take one). Each flow run also holds the project lock of
+`r2m run` (`r2m.pipeline.lock`, a file lock on `<artifacts>/.r2m.lock`) from before the scan to
+the end, so a flow run, `r2m run` and another flow run on the same project never overlap: a
+second start waits for the first and then finds its work done. Transient failures (I/O, a locked
+SQLite store, a crashed pool worker) are retried `flow.retries` times; an `R2MError` (bad data, a
+failed check or gate, a training that failed on the worker) is not, since the same input fails
+the same way. Every run leaves table/markdown artifacts: the datasets found, the specialists,
+and the gate report with links to the MLflow runs.
 
 Run once without a server:  python -c "from flows.continual import watch; watch()"
 Serve on a schedule:        python -m flows.serve
@@ -52,6 +58,7 @@ from r2m.pipeline.lock import project_lock
 from r2m.pipeline.loop import LoopSteps, clean_leftovers, onboarded_check, plain_steps, run_steps
 from r2m.pipeline.pool import fetch_trained
 from r2m.pipeline.safety import SpecialistCheck
+from r2m.pipeline.specialists import is_onboarded
 from r2m.tracking import mlflow_store, registry
 
 COMPUTE_LIMIT = "r2m-compute"  # Prefect global concurrency limit held by every heavy step
@@ -137,6 +144,8 @@ def onboard_generator(
 def start_pool_training(dataset: GeneratorDataset, params: Params, theta0_sha256: str) -> str | None:
     """Hand one dataset's fine-tuning to the work pool (returns at once: the flow run id, None
     when it is trained already). No compute slot: the pool's workers bound the trainings."""
+    if is_onboarded(mlflow_store.client(params), dataset, params, theta0_sha256):  # named by `onboard(...)`
+        return None
     return pool_training.start_training(params, dataset, theta0_sha256)
 
 
@@ -148,7 +157,11 @@ def onboard_from_pool(
     """Wait for this dataset's training on the pool, fetch the checkpoint from its MLflow run, then
     check and register the specialist from that run (the same `onboard_specialist`)."""
     client = mlflow_store.client(params)
-    run_id = pool_training.trained_run(params, dataset, file_sha256(pretrained), flow_run_id)
+    theta0 = file_sha256(pretrained)
+    if is_onboarded(client, dataset, params, theta0):  # registered already: nothing to train or wait for
+        return pipeline.onboard_specialist(dataset, params, pretrained=pretrained, accepted=accepted,
+                                           datasets=seen, client=client)
+    run_id = pool_training.trained_run(params, dataset, theta0, flow_run_id)
     path = fetch_trained(params, client, run_id)
     get_run_logger().info("specialist %s trained on the work pool: MLflow run %s", dataset.name, run_id)
     with compute_slot():

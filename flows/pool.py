@@ -76,29 +76,39 @@ def deployment_names(params: Params) -> tuple[str, str]:
     return flow_name, name
 
 
-def deploy(params: Params, *, pool_name: str | None = None, source: Path | str | None = None) -> UUID:
+def deploy(params: Params, *, pool_name: str | None = None, source: Path | str | None = None,
+           image: str | None = None) -> UUID:
     """Register the training deployment on the work pool (`flow.work_pool`, or `pool_name`).
 
-    `source`: the folder holding `flows/` that workers run from (default: this project's code);
-    a process worker runs the flow there, with its own environment (PYTHONPATH, R2M_PROJECT_ROOT,
-    MLFLOW_TRACKING_URI)."""
+    A process pool: `source` is the folder holding `flows/` that workers run from (default: this
+    checkout); a worker runs the flow there, with its own environment (PYTHONPATH,
+    R2M_PROJECT_ROOT, MLFLOW_TRACKING_URI). A docker or kubernetes pool: `image` is an image
+    that holds the project (flows/ at its working directory, r2m installed), built and pushed
+    beforehand; the flow's entrypoint is `flows/pool.py:train_specialist` inside it."""
     pool_name = pool_name or params.flow.work_pool
     if not pool_name:
         raise ConfigError("flow.work_pool is null: name the Prefect work pool in params.yaml or with --pool")
     _, name = deployment_names(params)
+    options = dict(name=name, work_pool_name=pool_name, build=False, push=False, print_next_steps=False,
+                   description="Fine-tune one specialist on a worker and log it to MLflow (r2m work-pool training).",
+                   tags=["r2m"])
+    if image:
+        return train_specialist.deploy(image=image, **options)
     source = str(Path(source or Path(__file__).resolve().parents[1]).resolve())
-    return train_specialist.from_source(source=source, entrypoint=ENTRYPOINT).deploy(
-        name=name, work_pool_name=pool_name, build=False, push=False, print_next_steps=False,
-        description="Fine-tune one specialist on a worker and log it to MLflow (r2m work-pool training).",
-        tags=["r2m"],
-    )
+    return train_specialist.from_source(source=source, entrypoint=ENTRYPOINT).deploy(**options)
 
 
 # ----------------------------------------------------------------------- the loop's side (tasks)
 
 
 def _deployment_id(client, params: Params) -> UUID:
-    return client.read_deployment_by_name(params.flow.train_deployment).id
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(params.flow.train_deployment).id
+    except ObjectNotFound:
+        raise ConfigError(f"flow.train_deployment '{params.flow.train_deployment}' is not registered on the "
+                          f"Prefect server: run `python -m flows.pool deploy` (work pool {params.flow.work_pool})") from None
 
 
 def in_flight(params: Params, dataset: GeneratorDataset) -> UUID | None:
@@ -115,6 +125,8 @@ def in_flight(params: Params, dataset: GeneratorDataset) -> UUID | None:
 
 def dispatch(params: Params, dataset: GeneratorDataset, theta0_sha256: str) -> UUID:
     """Start one training run on the pool (returns at once)."""
+    with get_client(sync_client=True) as client:
+        _deployment_id(client, params)  # a missing deployment: one line saying what to run
     run = run_deployment(name=params.flow.train_deployment, parameters=pool.request(dataset, params, theta0_sha256),
                          timeout=0, flow_run_name=f"train-{dataset.name}", tags=["r2m"])
     return run.id
@@ -147,6 +159,8 @@ def trained_run(params: Params, dataset: GeneratorDataset, theta0_sha256: str, f
         state = prefect.read_flow_run(UUID(str(flow_run_id))).state
     if state is not None and state.is_final() and not state.is_completed():
         flow_run_id = in_flight(params, dataset) or dispatch(params, dataset, theta0_sha256)
+    get_run_logger().info("waiting for the training of %s on work pool %s (flow run %s)", dataset.name,
+                          params.flow.work_pool, flow_run_id)
     state = wait(params, UUID(str(flow_run_id)), dataset)
     if not state.is_completed():
         message = f"training of {dataset.name} on the work pool ended {state.type.value}: {state.message}"
@@ -179,13 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     dep = sub.add_parser("deploy", help="register flow.train_deployment on the work pool")
     dep.add_argument("--params", default=None, help="params.yaml to read (default: the project's)")
     dep.add_argument("--pool", default=None, help="the work pool (default: flow.work_pool of params.yaml)")
-    dep.add_argument("--source", default=None, help="the folder workers run flows/ from (default: this checkout)")
+    dep.add_argument("--source", default=None,
+                     help="process pool: the folder workers run flows/ from (default: this checkout)")
+    dep.add_argument("--image", default=None,
+                     help="docker/kubernetes pool: the image holding the project (built and pushed beforehand)")
     args = parser.parse_args(argv)
 
     from r2m.config import load_params
 
     params = load_params(args.params)
-    deployment_id = deploy(params, pool_name=args.pool, source=args.source)
+    deployment_id = deploy(params, pool_name=args.pool, source=args.source, image=args.image)
     print(f"deployment {params.flow.train_deployment} ({deployment_id}) on work pool "
           f"{args.pool or params.flow.work_pool}; start workers with: "
           f"prefect worker start --pool {args.pool or params.flow.work_pool} --limit 1")

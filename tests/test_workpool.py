@@ -32,8 +32,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -102,11 +104,9 @@ class Tracking:
     env: dict[str, str] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="module")
-def team_stack(tmp_path_factory):
-    """An MLflow server process on SQLite with artifacts proxied by the server (see the module
-    docstring: replaced by tests/servers.py's PostgreSQL + S3 stack when both branches meet)."""
-    work = tmp_path_factory.mktemp("mlflow-server")
+@contextmanager
+def local_mlflow_server(work: Path) -> Iterator[Tracking]:
+    """`mlflow server` as its own process: SQLite backend, artifacts proxied by the server."""
     port = free_port()
     log = work / "mlflow-server.log"
     server = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
@@ -122,6 +122,14 @@ def team_stack(tmp_path_factory):
         stop(server)
 
 
+@pytest.fixture(scope="module")
+def team_stack(tmp_path_factory):
+    """The shared tracking server (see the module docstring: replaced by tests/servers.py's
+    PostgreSQL + S3 stack when both branches meet)."""
+    with local_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as tracking:
+        yield tracking
+
+
 @dataclass
 class Pool:
     api_url: str
@@ -130,10 +138,10 @@ class Pool:
     logs: Path
 
 
-@pytest.fixture(scope="module")
-def prefect_pool(tmp_path_factory):
-    """A Prefect server process and a `process` work pool (the workers start in the test)."""
-    work = tmp_path_factory.mktemp("prefect")
+@contextmanager
+def prefect_server(work: Path, pool: str = POOL) -> Iterator[Pool]:
+    """`prefect server start` as its own process, and a `process` work pool on it (created with
+    `prefect work-pool create`); the workers are started by `start_workers`, stopped here."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(work / "home"), "PREFECT_API_URL": api,
@@ -145,7 +153,7 @@ def prefect_pool(tmp_path_factory):
     try:
         took = wait_http(f"{api}/health", server, log, "prefect server")
         print(f"\nprefect server up in {took:.1f} s", file=sys.stderr)
-        made = subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
+        made = subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
                               env=env, capture_output=True, text=True, timeout=120)
         assert made.returncode == 0, made.stdout + made.stderr
         yield Pool(api_url=api, env=env, workers=workers, logs=work)
@@ -155,8 +163,16 @@ def prefect_pool(tmp_path_factory):
         stop(server)
 
 
-def start_workers(pool: Pool, project: Path, tracking_env: dict, n: int = 2) -> dict:
-    """`prefect worker start --pool ... --limit 1`, n times: what a user runs on each GPU host."""
+@pytest.fixture(scope="module")
+def prefect_pool(tmp_path_factory):
+    """A Prefect server process and a `process` work pool (the workers start in the test)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as pool:
+        yield pool
+
+
+def start_workers(pool: Pool, project: Path, tracking_env: dict, n: int = 2, pool_name: str = POOL) -> dict:
+    """`prefect worker start --pool ... --limit 1`, n times: what a user runs on each GPU host.
+    Returns the environment of the workers (and of the loop: the same servers and code)."""
     env = {**pool.env, **tracking_env,
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),  # the r2m and flows/ under test
            "R2M_PROJECT_ROOT": str(project),  # the worker's own project: params.yaml paths, data root
@@ -164,12 +180,13 @@ def start_workers(pool: Pool, project: Path, tracking_env: dict, n: int = 2) -> 
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
     for i in range(1, n + 1):
         name = f"worker-{i}"
-        pool.workers[name] = start([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
+        pool.workers[name] = start([str(BIN / "prefect"), "worker", "start", "--pool", pool_name, "--type", "process",
                                     "--name", name, "--limit", "1"], pool.logs / f"{name}.log", env, project)
     return env
 
 
-def read_flow_runs(pool: Pool):
+def read_flow_runs(pool: Pool, deployment: str = DEPLOYMENT):
+    """The training deployment's flow runs, and each one's log lines (from the Prefect server)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -177,7 +194,7 @@ def read_flow_runs(pool: Pool):
     with temporary_settings(updates={PREFECT_API_URL: pool.api_url}):
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
-                name=DeploymentFilterName(any_=[DEPLOYMENT.split("/")[1]])))
+                name=DeploymentFilterName(any_=[deployment.split("/")[1]])))
             logs = {r.id: [entry.message for entry in client.read_logs(
                 log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id])))] for r in runs}
     return runs, logs
@@ -255,3 +272,42 @@ def test_backlog_trains_in_parallel_on_two_workers_then_releases_in_order(team_s
     assert registry.alias_version(client, registry.CHAMPION) == "2"
     assert list_versions(params.path("model_repository")) == [1, 2]
     assert not (project / "artifacts" / "specialists").exists()  # nothing was trained in the loop's process
+
+
+# ------------------------------------------------------------------ refusals (no servers needed)
+
+
+def test_worker_refuses_data_or_theta0_other_than_the_loops(project):
+    from fixtures import loop_params
+
+    from r2m.checkpoint import file_sha256
+    from r2m.data import validate_dataset
+    from r2m.errors import ConfigError, DatasetError
+    from r2m.models import ensure_pretrained
+    from r2m.pipeline import pool
+
+    root = make_data(project / "data" / "generators")
+    params = loop_params(project)
+    dataset = validate_dataset(root / "sq-ff", root, params.data)
+    theta0 = file_sha256(ensure_pretrained(params, progress=False))
+    with pytest.raises(DatasetError, match="the loop asked for 000000000000"):
+        pool.train_and_log(params, "sq-ff", "0" * 64, theta0)
+    with pytest.raises(ConfigError, match="θ0 sha256 .* the loop's is ffffffffffff"):
+        pool.train_and_log(params, "sq-ff", dataset.data_hash, "f" * 64)
+    assert not (project / "artifacts" / "specialists").exists()  # nothing trained
+    with pytest.raises(ConfigError, match="unexpected section 'paths'"):
+        pool.worker_params({**pool.training_config(params), "paths": {}})
+    assert pool.worker_params(pool.training_config(params)).train == params.train
+
+
+def test_pool_configuration_errors_name_the_setting(project):
+    from flows.pool import deploy, deployment_names
+
+    from r2m.config import load_params
+    from r2m.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="flow.work_pool is null"):
+        deploy(load_params(root=project))
+    bad = load_params(root=project, flow={"work_pool": POOL, "train_deployment": "other-flow/pool"})
+    with pytest.raises(ConfigError, match="flow.train_deployment 'other-flow/pool': expected 'r2m-train-specialist/"):
+        deployment_names(bad)

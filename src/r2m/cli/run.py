@@ -23,7 +23,9 @@ def run(
     specialists with R²M, evaluates and gates the candidate in MLflow, and — only if it passes —
     exports it to ONNX, moves `champion` and publishes it to the model repository. Running again
     with nothing new changes nothing. One run at a time per project: a second `r2m run` (or a
-    flow run) waits for the first to finish, then finds its work done.
+    flow run) waits for the first to finish, then finds its work done. Training runs in this
+    process; to train a backlog in parallel on a Prefect work pool, set `flow.work_pool` and run
+    the watcher flow (README "Training on a work pool").
     """
     from r2m.config import load_params
     from r2m.export.runtime import import_onnxruntime

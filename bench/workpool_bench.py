@@ -1,0 +1,159 @@
+"""What a work pool saves on a backlog: two specialists trained one after the other (one worker)
+vs in parallel (two workers), on this machine. Not a test: run it by hand.
+
+    PYTHONPATH=src:.:tests .venv/bin/python bench/workpool_bench.py [--epochs 15] [--n-per-class 64]
+
+The real path of `tests/test_workpool.py`: a Prefect server and an MLflow server as processes, a
+`process` work pool, the deployment `r2m-train-specialist/pool` (`python -m flows.pool deploy`),
+the watcher (`flows.continual.watch`) as its own process with `flow.work_pool` set, r2m-tiny
+(`pretrained: null`) on two new generator datasets, torch at 1 thread in every process
+(OMP_NUM_THREADS=1). Two modes, each with fresh datasets (other seeds: nothing is reused):
+
+- sequential: ONE worker (`--limit 1`): the backlog trains one after the other;
+- parallel: TWO workers (`--limit 1` each): one training per worker.
+
+Per mode: the watcher's wall time (scan → both specialists → both gated re-merges → release), the
+trainings' makespan (first training flow run started → last one ended, from Prefect), each
+training's own span (recorded by the worker in its MLflow run: `r2m.train_span`) and the load
+average. Writes bench/results/workpool_bench.{json,md} and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "src"), str(REPO)]
+
+from fixtures import add  # noqa: E402
+from test_workpool import (  # noqa: E402
+    DEPLOYMENT,
+    PARAMS,
+    POOL,
+    local_mlflow_server,
+    prefect_server,
+    read_flow_runs,
+    start,
+    start_workers,
+    stop,
+)
+
+
+def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, pool, work: Path) -> dict:
+    project = work / mode
+    project.mkdir()
+    params = {**PARAMS, "train": {**PARAMS["train"], "epochs": args.epochs}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = project / "data" / "generators"
+    add(root, f"{mode}-a", family="FS", seed=seeds[0], n_per_class=args.n_per_class)
+    add(root, f"{mode}-b", family="FR", seed=seeds[1], n_per_class=args.n_per_class)
+    add(root, f"{mode}-un", role="unseen", family="other", seed=seeds[0] + 100)
+    env = start_workers(pool, project, tracking.env, n=n_workers)
+    try:
+        deployed = subprocess.run([sys.executable, "-m", "flows.pool", "deploy", "--source", str(REPO)],
+                                  env=env, cwd=project, capture_output=True, text=True, timeout=300)
+        if deployed.returncode != 0:
+            raise SystemExit(deployed.stdout + deployed.stderr)
+        time.sleep(5)  # the workers have started polling
+        load_before = os.getloadavg()
+        began = time.time()
+        log = project / "watch.log"
+        watcher = start([sys.executable, "-c", "from flows.continual import watch; watch()"], log, env, project)
+        try:
+            watcher.wait(timeout=3600)
+        finally:
+            stop(watcher)
+        ended = time.time()
+        if watcher.returncode != 0:
+            raise SystemExit(f"{mode}: the watcher failed:\n{log.read_text()[-4000:]}")
+    finally:
+        for name in list(pool.workers):
+            stop(pool.workers.pop(name))
+
+    runs, logs = read_flow_runs(pool)
+    mine = [r for r in runs if r.parameters.get("generator", "").startswith(f"{mode}-")]
+    starts = [r.start_time.timestamp() for r in mine]
+    ends = [r.end_time.timestamp() for r in mine]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("r2m-specialists").experiment_id
+    spans = {}
+    for r in mine:
+        [found] = client.search_runs([experiment], filter_string=f"tags.`r2m.prefect_flow_run` = '{r.id}'")
+        s, e = json.loads(found.data.tags["r2m.train_span"])
+        spans[r.parameters["generator"]] = {"train_s": round(e - s, 1), "start": s, "end": e,
+                                            "flow_run_s": round(r.end_time.timestamp() - r.start_time.timestamp(), 1)}
+    return {
+        "mode": mode, "workers": n_workers, "watcher_s": round(ended - began, 1),
+        "trainings_makespan_s": round(max(ends) - min(starts), 1),
+        "trainings": spans, "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def markdown(result: dict) -> str:
+    seq, par = result["sequential"], result["parallel"]
+    lines = [
+        "# Work-pool backlog: two specialists, one worker vs two (bench/workpool_bench.py)",
+        "",
+        f"Machine: {result['machine']}; r2m-tiny, {result['epochs']} epochs, {result['n_per_class']} images per "
+        "class per dataset, torch 1 thread per process; Prefect server + MLflow server (SQLite) on loopback.",
+        "",
+        "| mode | workers | watcher wall (s) | trainings makespan (s) | each training (train s / flow run s) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in (seq, par):
+        each = ", ".join(f"{g}: {t['train_s']} / {t['flow_run_s']}" for g, t in sorted(m["trainings"].items()))
+        lines.append(f"| {m['mode']} | {m['workers']} | {m['watcher_s']} | {m['trainings_makespan_s']} | {each} |")
+    lines += [
+        "",
+        f"Parallel saved {seq['watcher_s'] - par['watcher_s']:.1f} s of the watcher's wall time "
+        f"({par['watcher_s'] / seq['watcher_s']:.2f}x) and {seq['trainings_makespan_s'] - par['trainings_makespan_s']:.1f} s "
+        f"of the trainings' makespan ({par['trainings_makespan_s'] / seq['trainings_makespan_s']:.2f}x).",
+        f"Load average (1/5/15 min) before the runs: sequential {seq['load_avg_before']}, "
+        f"parallel {par['load_avg_before']}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--n-per-class", type=int, default=64)
+    parser.add_argument("--out", default=str(HERE / "results" / "workpool_bench"))
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory(prefix="r2m-workpool-bench-") as tmp:
+        work = Path(tmp)
+        (work / "mlflow").mkdir()
+        (work / "prefect").mkdir()
+        with local_mlflow_server(work / "mlflow") as tracking, prefect_server(work / "prefect") as pool:
+            result = {
+                "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}",
+                "epochs": args.epochs, "n_per_class": args.n_per_class, "pool": POOL, "deployment": DEPLOYMENT,
+                "sequential": run_mode("sequential", 1, (1, 2), args, tracking, pool, work),
+                "parallel": run_mode("parallel", 2, (11, 12), args, tracking, pool, work),
+            }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
