@@ -92,15 +92,38 @@ def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, 
     spans = {}
     for r in mine:
         [found] = client.search_runs([experiment], filter_string=f"tags.`r2m.prefect_flow_run` = '{r.id}'")
-        s, e = json.loads(found.data.tags["r2m.train_span"])
-        spans[r.parameters["generator"]] = {"train_s": round(e - s, 1), "start": s, "end": e,
-                                            "flow_run_s": round(r.end_time.timestamp() - r.start_time.timestamp(), 1)}
+        s, e, cpu = json.loads(found.data.tags["r2m.train_span"])
+        spans[r.parameters["generator"]] = {
+            "train_s": round(e - s, 1), "train_cpu_s": cpu, "start_s": round(s - began, 1), "end_s": round(e - began, 1),
+            "flow_run_s": round(r.end_time.timestamp() - r.start_time.timestamp(), 1),
+            "flow_run_start_s": round(r.start_time.timestamp() - began, 1)}
     return {
+        "timeline": watcher_timeline(pool, began),
         "mode": mode, "workers": n_workers, "watcher_s": round(ended - began, 1),
         "trainings_makespan_s": round(max(ends) - min(starts), 1),
         "trainings": spans, "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def watcher_timeline(pool, began: float) -> list[dict]:
+    """The newest r2m-watch flow run's task runs: name, start and end (s after the watcher started)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: pool.api_url}):
+        with get_client(sync_client=True) as client:
+            [watch] = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["r2m-watch"])),
+                                            sort=FlowRunSort.START_TIME_DESC, limit=1)
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[watch.id])))
+    rows = [{"task": "r2m-watch (flow run)", "start_s": watch.start_time.timestamp() - began,
+             "end_s": watch.end_time.timestamp() - began}]
+    rows += [{"task": t.name, "start_s": t.start_time.timestamp() - began, "end_s": t.end_time.timestamp() - began}
+             for t in tasks if t.start_time and t.end_time]
+    return [{**r, "start_s": round(r["start_s"], 1), "end_s": round(r["end_s"], 1)}
+            for r in sorted(rows, key=lambda r: r["start_s"])]
 
 
 def markdown(result: dict) -> str:
@@ -111,19 +134,26 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']}; r2m-tiny, {result['epochs']} epochs, {result['n_per_class']} images per "
         "class per dataset, torch 1 thread per process; Prefect server + MLflow server (SQLite) on loopback.",
         "",
-        "| mode | workers | watcher wall (s) | trainings makespan (s) | each training (train s / flow run s) |",
+        "| mode | workers | watcher wall (s) | trainings makespan (s) | each training: train wall / CPU / flow run (s) |",
         "|---|---|---|---|---|",
     ]
     for m in (seq, par):
-        each = ", ".join(f"{g}: {t['train_s']} / {t['flow_run_s']}" for g, t in sorted(m["trainings"].items()))
+        each = ", ".join(f"{g}: {t['train_s']} / {t['train_cpu_s']} / {t['flow_run_s']}"
+                         for g, t in sorted(m["trainings"].items()))
         lines.append(f"| {m['mode']} | {m['workers']} | {m['watcher_s']} | {m['trainings_makespan_s']} | {each} |")
+    for m in (seq, par):
+        lines += ["", f"{m['mode']}: the watcher's task runs (s after the watcher process started)", "",
+                  "| task | start | end |", "|---|---|---|"]
+        lines += [f"| {t['task']} | {t['start_s']} | {t['end_s']} |" for t in m["timeline"]]
+        lines += [f"| training {g} (worker) | {t['start_s']} | {t['end_s']} |" for g, t in sorted(m["trainings"].items())]
     lines += [
         "",
         f"Parallel saved {seq['watcher_s'] - par['watcher_s']:.1f} s of the watcher's wall time "
         f"({par['watcher_s'] / seq['watcher_s']:.2f}x) and {seq['trainings_makespan_s'] - par['trainings_makespan_s']:.1f} s "
         f"of the trainings' makespan ({par['trainings_makespan_s'] / seq['trainings_makespan_s']:.2f}x).",
         f"Load average (1/5/15 min) before the runs: sequential {seq['load_avg_before']}, "
-        f"parallel {par['load_avg_before']}.",
+        f"parallel {par['load_avg_before']}. A training's CPU seconds near its wall seconds: it had a "
+        "core to itself; well below: it shared one with other processes on the machine.",
     ]
     return "\n".join(lines)
 

@@ -213,7 +213,8 @@ def run_steps(params: Params, client, found: Scan, datasets: Sequence[GeneratorD
     specialist followed by a re-merge of all accepted so far, gate and release; the last step
     (over every accepted specialist) also scores the baselines and All-in-one. Steps a crash
     left undone (`pending_steps`) come first, in order; the run ends by making the repository
-    serve `champion`. Call it holding the project lock."""
+    serve `champion`. Call it holding the project lock. Only `steps` act; `client` reads the
+registry (owed steps, finished releases) and makes the repository serve the champion."""
     report = LoopReport(scan=found)
     seen_names = [d.name for d in found.seen]
 
@@ -230,12 +231,12 @@ def run_steps(params: Params, client, found: Scan, datasets: Sequence[GeneratorD
             report.steps.append(candidate)
         return candidate
 
+    if datasets:  # a work pool starts training the whole backlog now, in parallel; in-process: nothing
+        steps.start_training(datasets)
     accepted = steps.accepted(seen_names)
     for specialists in pending_steps(client, accepted):  # steps a crash left undone
         if len(specialists) < len(accepted) or datasets:  # else: the final step below
             step(specialists, final=False)
-    if datasets:
-        steps.start_training(datasets)  # a work pool trains the backlog in parallel; in-process: no-op
     for i, dataset in enumerate(datasets):
         specialist, check = steps.onboard(dataset, accepted, found.seen)
         report.onboarded.append(specialist)

@@ -46,7 +46,7 @@ RECIPE_TAG = "recipe"
 FILE_TAG = "r2m.checkpoint_file"
 FLOW_RUN_TAG = "r2m.prefect_flow_run"
 HOST_TAG = "r2m.trained_on"
-TRAIN_SPAN_TAG = "r2m.train_span"  # [start, end] of the training itself (Unix seconds, the worker's clock)
+TRAIN_SPAN_TAG = "r2m.train_span"  # [start, end, CPU s] of the training itself (Unix seconds, the worker's clock)
 
 # params.yaml sections that decide what a worker trains; the loop sends them with each request,
 # so a worker trains exactly the loop's specialist (its own params.yaml gives only the paths)
@@ -127,12 +127,12 @@ def train_and_log(
         return done
     with tempfile.TemporaryDirectory(prefix="r2m-train-") as tmp:
         path = Path(tmp) / checkpoint_path(dataset, params).name
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         train_specialist([dataset], params, path, pretrained=pretrained, name=generator, progress=progress)
-        ended = time.time()
+        ended, cpu = time.time(), time.process_time() - cpu
         run_id = runs.log_specialist_run(params, path, dataset=dataset, mlflow_client=client)
         extra = {RECIPE_TAG: tag_value(recipe(params)), FILE_TAG: path.name, HOST_TAG: socket.gethostname(),
-                 TRAIN_SPAN_TAG: json.dumps([round(started, 3), round(ended, 3)])}
+                 TRAIN_SPAN_TAG: json.dumps([round(started, 3), round(ended, 3), round(cpu, 1)])}
         if flow_run_id:
             extra[FLOW_RUN_TAG] = flow_run_id
         for key, value in extra.items():
