@@ -50,6 +50,11 @@ from test_workpool import (  # noqa: E402
 )
 
 
+# the watcher's own task runs (not the placeholders that link the training flow runs as subflows)
+LOOP_TASKS = ("theta0", "scan", "train-", "accepted-specialists", "onboard-", "all-in-one", "remerge", "release-",
+              "champion")
+
+
 def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, pool, work: Path) -> dict:
     project = work / mode
     project.mkdir()
@@ -121,7 +126,7 @@ def watcher_timeline(pool, began: float) -> list[dict]:
     rows = [{"task": "r2m-watch (flow run)", "start_s": watch.start_time.timestamp() - began,
              "end_s": watch.end_time.timestamp() - began}]
     rows += [{"task": t.name, "start_s": t.start_time.timestamp() - began, "end_s": t.end_time.timestamp() - began}
-             for t in tasks if t.start_time and t.end_time]
+             for t in tasks if t.start_time and t.end_time and t.name.startswith(LOOP_TASKS)]
     return [{**r, "start_s": round(r["start_s"], 1), "end_s": round(r["end_s"], 1)}
             for r in sorted(rows, key=lambda r: r["start_s"])]
 

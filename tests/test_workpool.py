@@ -47,10 +47,11 @@ POOL = "r2m-test-pool"
 DEPLOYMENT = "r2m-train-specialist/pool"
 START_TIMEOUT_S = 180.0
 
-# the loop on tiny data (tests/fixtures.py), trainings long enough to be seen overlapping
+# the loop on tiny data (tests/fixtures.py); trainings long enough (~10-30 s here) to overlap although
+# each flow run first spends 10-30 s starting Python and importing torch, MLflow and Prefect on 2 busy cores
 PARAMS = {
     **LOOP,
-    "train": {"epochs": 8, "batch_size": 16},
+    "train": {"epochs": 24, "batch_size": 16},
     "flow": {**LOOP["flow"], "work_pool": POOL, "train_deployment": DEPLOYMENT, "retries": 0,
              "train_timeout_s": 600},
 }
