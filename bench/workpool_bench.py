@@ -7,8 +7,9 @@ The real path of `tests/test_workpool.py`: a Prefect server and an MLflow server
 `process` work pool, the deployment `r2m-train-specialist/pool` (`python -m flows.pool deploy`),
 the watcher (`flows.continual.watch`) as its own process with `flow.work_pool` set, r2m-tiny
 (`pretrained: null`) on two new generator datasets, torch at 1 thread in every process
-(OMP_NUM_THREADS=1). Two modes, each with fresh datasets (other seeds: nothing is reused):
+(OMP_NUM_THREADS=1). Three modes, each with fresh datasets (other seeds: nothing is reused):
 
+- in-process: no pool (`flow.work_pool: null`, the default): the watcher trains both itself;
 - sequential: ONE worker (`--limit 1`): the backlog trains one after the other;
 - parallel: TWO workers (`--limit 1` each): one training per worker.
 
@@ -56,9 +57,12 @@ LOOP_TASKS = ("theta0", "scan", "train-", "accepted-specialists", "onboard-", "a
 
 
 def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, pool, work: Path) -> dict:
+    """One watcher run on two new datasets; `n_workers` = 0: no pool (`flow.work_pool: null`)."""
     project = work / mode
     project.mkdir()
     params = {**PARAMS, "train": {**PARAMS["train"], "epochs": args.epochs}}
+    if n_workers == 0:
+        params["flow"] = {**params["flow"], "work_pool": None}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     root = project / "data" / "generators"
     add(root, f"{mode}-a", family="FS", seed=seeds[0], n_per_class=args.n_per_class)
@@ -66,11 +70,12 @@ def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, 
     add(root, f"{mode}-un", role="unseen", family="other", seed=seeds[0] + 100)
     env = start_workers(pool, project, tracking.env, n=n_workers)
     try:
-        deployed = subprocess.run([sys.executable, "-m", "flows.pool", "deploy", "--source", str(REPO)],
-                                  env=env, cwd=project, capture_output=True, text=True, timeout=300)
-        if deployed.returncode != 0:
-            raise SystemExit(deployed.stdout + deployed.stderr)
-        time.sleep(5)  # the workers have started polling
+        if n_workers:
+            deployed = subprocess.run([sys.executable, "-m", "flows.pool", "deploy", "--source", str(REPO)],
+                                      env=env, cwd=project, capture_output=True, text=True, timeout=300)
+            if deployed.returncode != 0:
+                raise SystemExit(deployed.stdout + deployed.stderr)
+            time.sleep(5)  # the workers have started polling
         load_before = os.getloadavg()
         began = time.time()
         log = project / "watch.log"
@@ -85,6 +90,18 @@ def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, 
     finally:
         for name in list(pool.workers):
             stop(pool.workers.pop(name))
+
+    timeline = watcher_timeline(pool, began)
+    result = {"mode": mode, "workers": n_workers, "watcher_s": round(ended - began, 1), "timeline": timeline,
+              "load_avg_before": [round(x, 2) for x in load_before],
+              "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+    if n_workers == 0:  # trained inside the onboard-<dataset> tasks, one after the other
+        onboard = [t for t in timeline if t["task"].startswith("onboard-")]
+        result["trainings"] = {t["task"].removeprefix("onboard-"): {"train_s": round(t["end_s"] - t["start_s"], 1),
+                                                                     "train_cpu_s": "-", "flow_run_s": "-"}
+                               for t in onboard}
+        result["trainings_makespan_s"] = round(onboard[-1]["end_s"] - onboard[0]["start_s"], 1)
+        return result
 
     runs, logs = read_flow_runs(pool)
     mine = [r for r in runs if r.parameters.get("generator", "").startswith(f"{mode}-")]
@@ -102,13 +119,8 @@ def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, 
             "train_s": round(e - s, 1), "train_cpu_s": cpu, "start_s": round(s - began, 1), "end_s": round(e - began, 1),
             "flow_run_s": round(r.end_time.timestamp() - r.start_time.timestamp(), 1),
             "flow_run_start_s": round(r.start_time.timestamp() - began, 1)}
-    return {
-        "timeline": watcher_timeline(pool, began),
-        "mode": mode, "workers": n_workers, "watcher_s": round(ended - began, 1),
-        "trainings_makespan_s": round(max(ends) - min(starts), 1),
-        "trainings": spans, "load_avg_before": [round(x, 2) for x in load_before],
-        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
-    }
+    result.update(trainings=spans, trainings_makespan_s=round(max(ends) - min(starts), 1))
+    return result
 
 
 def watcher_timeline(pool, began: float) -> list[dict]:
@@ -132,7 +144,7 @@ def watcher_timeline(pool, began: float) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    seq, par = result["sequential"], result["parallel"]
+    seq, par, local = result["sequential"], result["parallel"], result["in-process"]
     lines = [
         "# Work-pool backlog: two specialists, one worker vs two (bench/workpool_bench.py)",
         "",
@@ -142,20 +154,23 @@ def markdown(result: dict) -> str:
         "| mode | workers | watcher wall (s) | trainings makespan (s) | each training: train wall / CPU / flow run (s) |",
         "|---|---|---|---|---|",
     ]
-    for m in (seq, par):
+    for m in (local, seq, par):
         each = ", ".join(f"{g}: {t['train_s']} / {t['train_cpu_s']} / {t['flow_run_s']}"
                          for g, t in sorted(m["trainings"].items()))
         lines.append(f"| {m['mode']} | {m['workers']} | {m['watcher_s']} | {m['trainings_makespan_s']} | {each} |")
-    for m in (seq, par):
+    for m in (local, seq, par):
         lines += ["", f"{m['mode']}: the watcher's task runs (s after the watcher process started)", "",
                   "| task | start | end |", "|---|---|---|"]
         lines += [f"| {t['task']} | {t['start_s']} | {t['end_s']} |" for t in m["timeline"]]
-        lines += [f"| training {g} (worker) | {t['start_s']} | {t['end_s']} |" for g, t in sorted(m["trainings"].items())]
+        lines += [f"| training {g} (worker) | {t['start_s']} | {t['end_s']} |" for g, t in sorted(m["trainings"].items())
+                  if "start_s" in t]
     lines += [
         "",
         f"Parallel saved {seq['watcher_s'] - par['watcher_s']:.1f} s of the watcher's wall time "
         f"({par['watcher_s'] / seq['watcher_s']:.2f}x) and {seq['trainings_makespan_s'] - par['trainings_makespan_s']:.1f} s "
-        f"of the trainings' makespan ({par['trainings_makespan_s'] / seq['trainings_makespan_s']:.2f}x).",
+        f"of the trainings' makespan ({par['trainings_makespan_s'] / seq['trainings_makespan_s']:.2f}x). "
+        f"In-process (no pool, `flow.work_pool: null`): watcher {local['watcher_s']} s; its makespan is from the "
+        "first onboard task's start to the last one's end (training + check + registration, with the step between).",
         f"Load average (1/5/15 min) before the runs: sequential {seq['load_avg_before']}, "
         f"parallel {par['load_avg_before']}. A training's CPU seconds near its wall seconds: it had a "
         "core to itself; well below: it shared one with other processes on the machine.",
@@ -179,6 +194,7 @@ def main() -> None:
             result = {
                 "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}",
                 "epochs": args.epochs, "n_per_class": args.n_per_class, "pool": POOL, "deployment": DEPLOYMENT,
+                "in-process": run_mode("in-process", 0, (21, 22), args, tracking, pool, work),
                 "sequential": run_mode("sequential", 1, (1, 2), args, tracking, pool, work),
                 "parallel": run_mode("parallel", 2, (11, 12), args, tracking, pool, work),
             }
