@@ -294,3 +294,20 @@ def team_stack(tmp_path_factory) -> Iterator[TeamStack]:
     """One PostgreSQL + S3 + MLflow server stack for the whole test session (see `TeamStack`)."""
     with team_stack_started(tmp_path_factory.mktemp("team-stack")) as stack:
         yield stack
+
+
+def empty_registry(tracking_uri: str) -> None:
+    """Delete every registered model on the server (runs stay, unreferenced): a test that needs
+    an empty registry starts from one, whatever an earlier test of the session left."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    for rm in client.search_registered_models(max_results=1000):
+        client.delete_registered_model(rm.name)
+
+
+@pytest.fixture
+def team_registry(team_stack) -> TeamStack:
+    """`team_stack` with an empty model registry (registered models of earlier tests deleted)."""
+    empty_registry(team_stack.tracking_uri)
+    return team_stack
