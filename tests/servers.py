@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -268,31 +268,60 @@ class TeamStack:
         return f"s3://{self.bucket}/mlartifacts"
 
 
+@dataclass
+class S3:
+    """The S3 server alone (`team_s3`): what a DVC remote or a boto3 client needs."""
+
+    s3_endpoint: str
+    bucket: str
+    s3_env: dict[str, str]
+    started_s: float
+
+
+def _s3_env(endpoint: str) -> dict[str, str]:
+    return {**S3_KEY, "AWS_ENDPOINT_URL": endpoint}
+
+
 @contextmanager
-def team_stack_started(workdir: Path | str) -> Iterator[TeamStack]:
-    """PostgreSQL + S3 + the MLflow server on them, started in that order and stopped in reverse."""
+def team_stack_started(workdir: Path | str, s3: S3 | None = None) -> Iterator[TeamStack]:
+    """PostgreSQL + S3 (or the given one) + the MLflow server on them, started in that order and
+    stopped in reverse. `started_s`: the seconds until all three answered."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with postgres_server(workdir) as pg, s3_server(workdir) as s3:
-        server_env = {**S3_KEY, "MLFLOW_S3_ENDPOINT_URL": s3}
-        with mlflow_server(pg, f"s3://{BUCKET}/mlartifacts", server_env, workdir) as uri:
-            stack = TeamStack(
-                tracking_uri=uri, s3_endpoint=s3, bucket=BUCKET, postgres_url=pg,
-                env={"MLFLOW_TRACKING_URI": uri},
-                s3_env={**S3_KEY, "AWS_ENDPOINT_URL": s3},
-                started_s=time.monotonic() - start, workdir=workdir,
-            )
-            line = f"team stack (PostgreSQL + moto S3 + mlflow server) started in {stack.started_s:.1f} s"
-            log.warning(line)
-            print(f"\n{line}", file=sys.stderr)
-            yield stack
+    with ExitStack() as servers:
+        pg = servers.enter_context(postgres_server(workdir))
+        if s3 is None:
+            endpoint = servers.enter_context(s3_server(workdir))
+            before = 0.0
+        else:
+            endpoint, before = s3.s3_endpoint, s3.started_s
+        server_env = {**S3_KEY, "MLFLOW_S3_ENDPOINT_URL": endpoint}
+        uri = servers.enter_context(mlflow_server(pg, f"s3://{BUCKET}/mlartifacts", server_env, workdir))
+        stack = TeamStack(
+            tracking_uri=uri, s3_endpoint=endpoint, bucket=BUCKET, postgres_url=pg,
+            env={"MLFLOW_TRACKING_URI": uri}, s3_env=_s3_env(endpoint),
+            started_s=time.monotonic() - start + before, workdir=workdir,
+        )
+        line = f"team stack (PostgreSQL + moto S3 + mlflow server) started in {stack.started_s:.1f} s"
+        log.warning(line)
+        print(f"\n{line}", file=sys.stderr)
+        yield stack
 
 
 @pytest.fixture(scope="session")
-def team_stack(tmp_path_factory) -> Iterator[TeamStack]:
+def team_s3(tmp_path_factory) -> Iterator[S3]:
+    """moto's S3 server with the bucket `r2m`, once per session (shared with `team_stack`)."""
+    workdir = tmp_path_factory.mktemp("team-s3")
+    start = time.monotonic()
+    with s3_server(workdir) as endpoint:
+        yield S3(endpoint, BUCKET, _s3_env(endpoint), time.monotonic() - start)
+
+
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory, team_s3) -> Iterator[TeamStack]:
     """One PostgreSQL + S3 + MLflow server stack for the whole test session (see `TeamStack`)."""
-    with team_stack_started(tmp_path_factory.mktemp("team-stack")) as stack:
+    with team_stack_started(tmp_path_factory.mktemp("team-stack"), team_s3) as stack:
         yield stack
 
 
