@@ -220,6 +220,16 @@ def s3_server(workdir: Path | str, bucket: str = BUCKET) -> Iterator[str]:
 # ------------------------------------------------------------------------------ MLflow
 
 
+MLFLOW_SERVER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")  # the server's only
+MLFLOW_CLIENT_ENV = ("MLFLOW_TRACKING_URI",)  # all a client (r2m, a worker) needs of the tracking server
+
+
+def mlflow_server_args(backend_uri: str, artifacts_destination: str, host: str, port: int) -> list[str]:
+    """The `mlflow server` options of the team set-up (deploy/compose.yaml uses the same)."""
+    return ["--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_destination,
+            "--serve-artifacts", "--host", host, "--port", str(port)]
+
+
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts_destination: str, env: dict[str, str],
                   workdir: Path | str | None = None) -> Iterator[str]:
@@ -229,9 +239,8 @@ def mlflow_server(backend_uri: str, artifacts_destination: str, env: dict[str, s
     workdir = Path(workdir or tempfile.mkdtemp(prefix="r2m-mlflow-"))
     port = free_port()
     logfile = workdir / "mlflow-server.log"
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", artifacts_destination, "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [str(BIN / "mlflow"), "server", *mlflow_server_args(backend_uri, artifacts_destination, "127.0.0.1", port),
+           "--workers", "1"]
     proc = _popen(cmd, logfile, env={**os.environ, **env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
                   cwd=workdir)
     uri = f"http://127.0.0.1:{port}"
