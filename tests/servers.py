@@ -186,6 +186,21 @@ def postgres_server(workdir: Path | str, database: str = PG_DB) -> Iterator[str]
         shutil.rmtree(data, ignore_errors=True)
 
 
+def create_database(url: str, name: str) -> str:
+    """Another database on the cluster of `url` (e.g. Prefect's beside MLflow's); its URL with
+    the same driver (Prefect wants `postgresql+asyncpg://`: replace the scheme)."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    con = psycopg2.connect(host=u.host, port=u.port, user=u.username, dbname="postgres")
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    con.close()
+    return u.set(database=name).render_as_string(hide_password=False)
+
+
 # ---------------------------------------------------------------------------------- S3
 
 
