@@ -328,8 +328,8 @@ def team_stack_started(workdir: Path | str, s3: S3 | None = None) -> Iterator[Te
             started_s=time.monotonic() - start + before, workdir=workdir,
         )
         line = f"team stack (PostgreSQL + moto S3 + mlflow server) started in {stack.started_s:.1f} s"
-        log.warning(line)
-        print(f"\n{line}", file=sys.stderr)
+        log.info(line)
+        print(f"\n{line}", file=sys.__stderr__)  # past pytest's capture: every `make test` shows it
         yield stack
 
 
