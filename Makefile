@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make run    set up .venv, build the embedded benchmark, run the continual loop once
-#   make test   set up .venv, run the test suite
+#   make test   set up .venv (and PostgreSQL for the team tests), run the test suite
 # ORT=gpu selects onnxruntime-gpu instead of onnxruntime (never both in one environment).
 
 PYTHON ?= python3.11
@@ -8,7 +8,7 @@ VENV   ?= .venv
 ORT    ?= cpu
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test demo-data schedule repro mlflow-ui clean-run
+.PHONY: setup postgresql run test demo-data schedule repro mlflow-ui clean-run
 
 setup: $(VENV)/.installed
 
@@ -38,7 +38,17 @@ repro: setup
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
 
-test: setup
+# the team tests start a real PostgreSQL of their own (tests/servers.py): Debian's `postgresql`
+# package, installed here when its initdb is missing (as root; otherwise say what to install)
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+	   || [ -n "$$R2M_PG_BINDIR" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing PostgreSQL (Debian's postgresql package) for the team tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "PostgreSQL's initdb not found: install the postgresql package (or set R2M_PG_BINDIR)" >&2; exit 1; fi
+
+test: setup postgresql
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest
 
 clean-run:

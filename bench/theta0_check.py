@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--model", default="{}", help="JSON: overrides of the model section (e.g. lr)")
     ap.add_argument("--train", default="{}", help="JSON: overrides of the train section (e.g. epochs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loop", action="store_true",
+                    help="also replay the loop's one-at-a-time steps (R²M, onboarding order, gated against the champion of that moment)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -110,8 +112,40 @@ def main() -> None:
               f"{'PASS' if gate.passed else 'fail: ' + gate.reason[:80]}")
         result["methods"][method] = {"hparams": hparams, "drop": summary.drop, "gain": summary.gain, "gain_macro": summary.gain_macro,
                                      "gate_passed": gate.passed, "gate_reason": gate.reason, "selection": selection.get(method)}
+    if args.loop:
+        result["loop"] = replay_loop(params, theta0, specialists, seen, unseen, args.out / "loop")
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
     (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+def replay_loop(params, theta0, specialists: dict, seen, unseen, folder: Path) -> list[dict]:
+    """The loop's steps without MLflow: after each specialist (onboarding order = name order, as
+    the scan), R²M over the first N chosen on their validation splits, scored on their test
+    splits and every unseen set, gated against the champion of that moment (the last step that
+    passed), exactly the rules `r2m run` applies."""
+    champion, steps = None, []
+    order = sorted(specialists)
+    by_name = {d.name: d for d in seen}
+    for n in range(1, len(order) + 1):
+        first = order[:n]
+        step_dir = folder / f"n{n}"
+        merged, _ = merge_methods(params, theta0, [specialists[g] for g in first], [by_name[g] for g in first],
+                                  step_dir, baselines=False)
+        models = {f"specialist-{g}": specialists[g] for g in first} | {"candidate": merged[params.merge.method]}
+        kinds = {}
+        if champion is not None:
+            models["champion"], kinds["champion"] = champion, "champion"
+        evaluation = evaluate_models(models, [*[by_name[g] for g in first], *unseen], params, kinds=kinds,
+                                     progress=False, score_cache=folder / "scores")
+        summary = summarize(evaluation, "candidate", specialists=[f"specialist-{g}" for g in first],
+                            champion="champion" if champion is not None else None)
+        gate = check_gate(summary, params.gate)
+        if gate.passed:
+            champion = merged[params.merge.method]
+        hparams = read_meta(merged[params.merge.method]).get("hparams") or {}
+        steps.append({"n": n, "added": first[-1], "hparams": hparams, "passed": gate.passed, "reason": gate.reason})
+        print(f"loop v{n} (+{first[-1]}) {json.dumps(hparams)}: {gate.reason}", flush=True)
+    return steps
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -38,11 +41,11 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "src"), str(REPO)]
 
 from fixtures import add  # noqa: E402
+from servers import mlflow_server  # noqa: E402
 from test_workpool import (  # noqa: E402
     DEPLOYMENT,
     PARAMS,
     POOL,
-    local_mlflow_server,
     prefect_server,
     read_flow_runs,
     start,
@@ -54,6 +57,19 @@ from test_workpool import (  # noqa: E402
 # the watcher's own task runs (not the placeholders that link the training flow runs as subflows)
 LOOP_TASKS = ("theta0", "scan", "train-", "accepted-specialists", "onboard-", "all-in-one", "remerge", "release-",
               "champion")
+
+
+@dataclass
+class Tracking:
+    tracking_uri: str
+    env: dict
+
+
+@contextmanager
+def local_tracking(work: Path) -> Iterator[Tracking]:
+    """`mlflow server` (tests/servers.py) on SQLite, artifacts proxied to a folder: the same for every mode."""
+    with mlflow_server(f"sqlite:///{work / 'mlflow.db'}", str(work / "artifacts"), {}, work) as uri:
+        yield Tracking(uri, {"MLFLOW_TRACKING_URI": uri})
 
 
 def run_mode(mode: str, n_workers: int, seeds: tuple[int, int], args, tracking, pool, work: Path) -> dict:
@@ -190,7 +206,7 @@ def main() -> None:
         work = Path(tmp)
         (work / "mlflow").mkdir()
         (work / "prefect").mkdir()
-        with local_mlflow_server(work / "mlflow") as tracking, prefect_server(work / "prefect") as pool:
+        with local_tracking(work / "mlflow") as tracking, prefect_server(work / "prefect") as pool:
             result = {
                 "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}",
                 "epochs": args.epochs, "n_per_class": args.n_per_class, "pool": POOL, "deployment": DEPLOYMENT,

@@ -15,6 +15,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from fixtures import loop_params, make_data, make_generator_dataset, seed_mlflow_store  # noqa: E402,F401
+from servers import team_registry, team_s3, team_stack  # noqa: E402,F401  (PostgreSQL + S3 + MLflow server, once per session)
 
 from r2m.config import Params, load_params  # noqa: E402
 

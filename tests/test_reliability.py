@@ -223,8 +223,10 @@ def test_rollback_and_promote_move_what_the_running_server_serves(project, data_
         server.wait(timeout=30)
 
 
-def test_rollback_to_a_version_never_published_is_refused_and_changes_nothing(project, data_root):
+def test_rollback_republishes_a_lost_copy_from_the_registry_and_refuses_a_version_never_exported(
+        project, data_root):
     from r2m.errors import RegistryError
+    from r2m.export.metadata import read_metadata
     from r2m.export.publish import served_version
     from r2m.pipeline import promotion
 
@@ -233,9 +235,17 @@ def test_rollback_to_a_version_never_published_is_refused_and_changes_nothing(pr
     client = mlflow_store.client(params)
     repo = params.path("model_repository")
     shutil.rmtree(repo / "r2m_detector" / "1")  # v1's published copy is gone
-    with pytest.raises(RegistryError, match="v1 has no published copy"):
+    client.delete_model_version_tag(registry.DETECTOR, "1", "onnx_uri")  # ... and the registry has no ONNX of it
+    with pytest.raises(RegistryError, match="v1 has no published copy .* and no registered ONNX file"):
         promotion.rollback(params, client)
     assert registry.alias_version(client, registry.CHAMPION) == "2" and served_version(repo) == 2
+
+    # v2's copy lost too, but v2 has its registered ONNX: the repository gets it back from there
+    shutil.rmtree(repo / "r2m_detector" / "2")
+    served = promotion.serve_champion(params, client)
+    sha = registry.get_version(client, "2").tags["sha256"]
+    assert served is not None and served.is_file() and served_version(repo) == int(served.parent.name)
+    assert read_metadata(served)["lineage"]["checkpoint_sha256"] == sha
 
 
 # ------------------------------------------------------------------- 5. leftovers of a kill -9

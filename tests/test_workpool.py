@@ -15,11 +15,9 @@ order. The test observes, from the servers' own records:
 - the steps are one at a time, in order: specialist 1 registered → detector v1 (re-merge, gate)
   → specialist 2 registered → detector v2, and v2 is the published champion.
 
-Tracking runs on an MLflow server process (SQLite backend, artifacts proxied by the server).
-With tests/servers.py of issue-13-stack (PostgreSQL + S3 behind the MLflow server), the local
-`team_stack` fixture below is replaced by that module's: delete the fixture and its helpers
-and `from servers import team_stack  # noqa: F401` — the test reads only `team_stack.tracking_uri`
-and `team_stack.env`.
+Tracking is the team stack of tests/servers.py (the `team_registry` fixture, from conftest.py:
+PostgreSQL backend store, moto S3 artifact store behind the MLflow server's proxy, the registry
+emptied first); the workers get only `MLFLOW_TRACKING_URI`.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -95,40 +93,6 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str) -> float:
             pass
         assert time.monotonic() - begin < START_TIMEOUT_S, f"{what} not up:\n{log.read_text()[-3000:]}"
         time.sleep(0.5)
-
-
-@dataclass
-class Tracking:
-    """The shared tracking server: the fields of issue-13-stack's `TeamStack` this test reads."""
-
-    tracking_uri: str
-    env: dict[str, str] = field(default_factory=dict)
-
-
-@contextmanager
-def local_mlflow_server(work: Path) -> Iterator[Tracking]:
-    """`mlflow server` as its own process: SQLite backend, artifacts proxied by the server."""
-    port = free_port()
-    log = work / "mlflow-server.log"
-    server = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-                    "--artifacts-destination", str(work / "artifacts"), "--serve-artifacts",
-                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log,
-                   {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}, work)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        took = wait_http(f"{uri}/health", server, log, "mlflow server")
-        print(f"\nmlflow server up in {took:.1f} s", file=sys.stderr)
-        yield Tracking(tracking_uri=uri, env={"MLFLOW_TRACKING_URI": uri})
-    finally:
-        stop(server)
-
-
-@pytest.fixture(scope="module")
-def team_stack(tmp_path_factory):
-    """The shared tracking server (see the module docstring: replaced by tests/servers.py's
-    PostgreSQL + S3 stack when both branches meet)."""
-    with local_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as tracking:
-        yield tracking
 
 
 @dataclass
@@ -201,8 +165,9 @@ def read_flow_runs(pool: Pool, deployment: str = DEPLOYMENT):
     return runs, logs
 
 
-def test_backlog_trains_in_parallel_on_two_workers_then_releases_in_order(team_stack, prefect_pool, project,
+def test_backlog_trains_in_parallel_on_two_workers_then_releases_in_order(team_registry, prefect_pool, project,
                                                                           monkeypatch):
+    team_stack = team_registry
     from r2m.config import load_params
     from r2m.export.publish import list_versions
     from r2m.tracking import mlflow_store, registry

@@ -159,9 +159,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, name: str = MODEL_NAME,
-            instance_kind: str | None = None, attempts: int = 5) -> PublishedVersion:
+            instance_kind: str | None = None, attempts: int = 5, serve: bool = True) -> PublishedVersion:
     """Copy a checked ONNX file into the repository as the next integer version, atomically,
-    then point config.pbtxt at it (the server switches once the version is whole)."""
+    then point config.pbtxt at it (the server switches once the version is whole). With
+    `serve=False` an existing config.pbtxt is left as it is (the served version unchanged)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ExportError(f"{onnx_path}: no such ONNX file")
@@ -187,7 +188,8 @@ def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, na
                 if not (folder / str(version)).exists():
                     raise
                 continue
-            _write_atomic(folder / CONFIG_FILE, triton_config(onnx_path, cfg, name, instance_kind, version))
+            if serve or not (folder / CONFIG_FILE).is_file():
+                _write_atomic(folder / CONFIG_FILE, triton_config(onnx_path, cfg, name, instance_kind, version))
             return PublishedVersion(name, version, folder / str(version) / MODEL_FILE)
         raise ExportError(f"{folder}: could not claim a new version after {attempts} attempts")
     finally:

@@ -11,7 +11,10 @@ What is served follows `champion`: `release` points the repository's config at t
 version, `promote` / `rollback` here move the alias *and* the served version (refusing, with
 nothing changed, a version that has no published copy while the repository serves one), and
 `serve_champion` (run at the end of every loop run) repairs a kill between the two. The ONNX
-file is logged with the candidate's merge run (`onnx/`) and referenced by its artifact URI.
+file is logged with the candidate's merge run (`onnx/`) and referenced by its artifact URI
+(`onnx_uri`), so a machine whose repository lacks a version's copy (a second machine on a
+shared tracking server, or a folder deleted by hand) fetches it from the registry, checks it
+against `onnx_sha256` and publishes it there (`ensure_published`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from r2m.export.onnx_export import ExportResult, export_checkpoint, report_path
 from r2m.export.publish import MODEL_FILE, MODEL_NAME, list_versions, model_dir, point_serving, publish, served_version
 from r2m.errors import RegistryError
 from r2m.tracking import registry
+from r2m.tracking.artifacts import resolve_file
 
 PUBLISHED_TAG = "published_version"
 ONNX_ARTIFACTS = "onnx"
@@ -97,6 +101,21 @@ def served_copy(params: Params, client, version: str) -> Path | None:
     return published_copy(repository, sha) if sha else None
 
 
+def ensure_published(params: Params, client, version: str, *, serve: bool = True) -> Path | None:
+    """Detector `version`'s published model.onnx in this machine's repository: the copy there,
+    else its registered ONNX (`onnx_uri`) fetched and published (`serve=False`: without changing
+    what is served). None when the version was never exported."""
+    found = served_copy(params, client, version)
+    if found is not None:
+        return found
+    mv = registry.get_version(client, version)
+    uri = mv.tags.get("onnx_uri")
+    if not uri:
+        return None
+    onnx = resolve_file(params, client, uri, mv.tags.get("onnx_sha256") or None)
+    return publish(onnx, params.path("model_repository"), params.export, serve=serve).path
+
+
 def serve(params: Params, published: Path) -> int:
     """Point the repository's config at the published `<repo>/<model>/<n>/model.onnx`; n."""
     version = int(published.parent.name)
@@ -107,12 +126,13 @@ def serve(params: Params, published: Path) -> int:
 
 
 def serve_champion(params: Params, client) -> Path | None:
-    """Make the repository serve `champion`'s published copy (no-op when it already does);
-    None when there is no champion or it has no published copy."""
+    """Make the repository serve `champion`'s published copy (no-op when it already does),
+    publishing it from the registry first where this repository lacks it; None when there is
+    no champion or it was never exported."""
     champion = registry.alias_version(client, registry.CHAMPION)
     if champion is None:
         return None
-    published = served_copy(params, client, champion)
+    published = ensure_published(params, client, champion)
     if published is not None:
         serve(params, published)
     return published
@@ -120,10 +140,11 @@ def serve_champion(params: Params, client) -> Path | None:
 
 def _require_servable(params: Params, client, version: str) -> None:
     repository = params.path("model_repository")
-    if list_versions(repository) and served_copy(params, client, version) is None:
+    if ensure_published(params, client, version, serve=False) is None and list_versions(repository):
         raise RegistryError(
-            f"{registry.DETECTOR} v{version} has no published copy in {model_dir(repository)}, so the server "
-            "could not serve it; nothing changed (release it with `r2m run`, or `r2m export` + `r2m publish` it)")
+            f"{registry.DETECTOR} v{version} has no published copy in {model_dir(repository)} and no registered "
+            "ONNX file (onnx_uri), so the server could not serve it; nothing changed "
+            "(release it with `r2m run`, or `r2m export` + `r2m publish` it)")
 
 
 def promote(params: Params, client, version: str, *, force: bool = False) -> tuple[registry.AliasMove, Path | None]:

@@ -9,6 +9,10 @@ A registered checkpoint (a specialist or a detector version) is referenced by th
   copied;
 - any other store (a tracking server, issue 13): downloaded once into
   `<artifacts>/cache/checkpoints/<sha256[:16]>/` and checked against the version's `sha256`.
+
+`resolve_file` does the same for any one file a tag references by URI (a detector version's
+`onnx_uri`, checked against `onnx_sha256`): a second machine gets the champion's ONNX file from
+the tracking server and publishes it into its own model repository.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from r2m.tracking.registry import CHECKPOINT_ARTIFACTS
 
 ARTIFACT_URI_TAG = "artifact_uri"
 CACHE = Path("cache") / "checkpoints"
+FILE_CACHE = Path("cache") / "files"
 
 
 def checkpoint_uri(run_id: str, filename: str, artifact_path: str = CHECKPOINT_ARTIFACTS) -> str:
@@ -106,4 +111,32 @@ def resolve_checkpoint(params: Params, client, mv) -> Path:
         os.replace(src, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_file(params: Params, client, uri: str, sha256: str | None = None) -> Path:
+    """The local copy of one artifact file `runs:/<run>/<path>` (e.g. a detector's `onnx_uri`):
+    the run's own artifact folder for a local store, else downloaded once into
+    `<artifacts>/cache/files/<sha256[:16]>/`; checked against `sha256` when given."""
+    run_id, rel = parse_runs_uri(uri)
+    local = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if local is not None:
+        path = local / rel
+        if not path.is_file():
+            raise RegistryError(f"{uri}: not in this project's artifact store ({path} missing)")
+    else:
+        cache = params.path("artifacts") / FILE_CACHE / (sha256[:16] if sha256 else run_id)
+        path = cache / Path(rel).name
+        if not (path.is_file() and (not sha256 or file_sha256(path) == sha256)):
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+            try:
+                got = Path(client.download_artifacts(run_id, rel, str(tmp)))
+                if not got.is_file():
+                    raise RegistryError(f"{uri}: not a file on the tracking server")
+                os.replace(got, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if sha256 and file_sha256(path) != sha256:
+        raise RegistryError(f"{uri}: {path} does not match the registered sha256 {sha256[:12]}")
     return path

@@ -31,6 +31,13 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous-champion"
 CHECKPOINT_ARTIFACTS = "checkpoint"  # run artifact folder holding <file>.safetensors + sidecar
+LOCK_MODEL = "r2m-loop-lock"  # not a model: the registry lock of `r2m.pipeline.lock` while it exists
+BROKEN_LOCK = ".broken."  # `r2m-loop-lock.broken.<token>`: the record of a dead holder's lock broken
+
+
+def is_lock_model(name: str) -> bool:
+    """A registered model that is the registry lock (or the record of a broken one), not a model."""
+    return name == LOCK_MODEL or name.startswith(LOCK_MODEL + BROKEN_LOCK)
 
 
 def specialist_model_name(generator: str) -> str:
@@ -239,6 +246,8 @@ def describe_models(client) -> list[dict]:
     """Every version of the detector and the specialists: name, version, aliases, key tags."""
     rows = []
     for rm in client.search_registered_models():
+        if is_lock_model(rm.name):
+            continue
         by_version: dict[str, list[str]] = {}
         for alias, v in (rm.aliases or {}).items():
             by_version.setdefault(str(v), []).append(alias)
