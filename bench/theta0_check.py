@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loop", action="store_true",
                     help="also replay the loop's one-at-a-time steps (R²M, onboarding order, gated against the champion of that moment)")
+    ap.add_argument("--loop-only", action="store_true", help="with --loop: skip the all-methods merge of every specialist")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,6 +91,10 @@ def main() -> None:
     timings["specialists"] = time.perf_counter() - t0
     print("specialists' own val AUC:", {k: round(v, 3) for k, v in val_auc.items() if v is not None})
 
+    if args.loop_only:
+        steps = replay_loop(params, theta0, specialists, seen, unseen, args.out / "loop")
+        (args.out / "result.json").write_text(json.dumps({"val_auc": val_auc, "timings_s": timings, "loop": steps}, indent=2, default=str))
+        return
     t0 = time.perf_counter()
     merged, selection = merge_methods(params, theta0, list(specialists.values()), seen, args.out / "merged")
     timings["merge"] = time.perf_counter() - t0
@@ -129,8 +134,10 @@ def replay_loop(params, theta0, specialists: dict, seen, unseen, folder: Path) -
     for n in range(1, len(order) + 1):
         first = order[:n]
         step_dir = folder / f"n{n}"
-        merged, _ = merge_methods(params, theta0, [specialists[g] for g in first], [by_name[g] for g in first],
-                                  step_dir, baselines=False)
+        merged, selection = merge_methods(params, theta0, [specialists[g] for g in first], [by_name[g] for g in first],
+                                          step_dir, baselines=False)
+        table = selection.get(params.merge.method) or []
+        val_score = max((row["score"] for row in table), default=None)
         models = {f"specialist-{g}": specialists[g] for g in first} | {"candidate": merged[params.merge.method]}
         kinds = {}
         if champion is not None:
@@ -143,8 +150,9 @@ def replay_loop(params, theta0, specialists: dict, seen, unseen, folder: Path) -
         if gate.passed:
             champion = merged[params.merge.method]
         hparams = read_meta(merged[params.merge.method]).get("hparams") or {}
-        steps.append({"n": n, "added": first[-1], "hparams": hparams, "passed": gate.passed, "reason": gate.reason})
-        print(f"loop v{n} (+{first[-1]}) {json.dumps(hparams)}: {gate.reason}", flush=True)
+        steps.append({"n": n, "added": first[-1], "hparams": hparams, "val_mean_auc": val_score,
+                      "passed": gate.passed, "reason": gate.reason, "auc": evaluation.auc()["candidate"]})
+        print(f"loop v{n} (+{first[-1]}) {json.dumps(hparams)} val {val_score}: {gate.reason}", flush=True)
     return steps
 
 
