@@ -26,7 +26,6 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Mapping
 
 from r2m.checkpoint import file_sha256
@@ -36,7 +35,7 @@ from r2m.errors import ConfigError, DatasetError
 from r2m.models import ensure_pretrained
 from r2m.pipeline.specialists import checkpoint_path
 from r2m.tracking import mlflow_store, runs
-from r2m.tracking.artifacts import ARTIFACT_URI_TAG, checkpoint_uri, resolve_checkpoint
+from r2m.tracking.artifacts import checkpoint_uri, resolve_checkpoint_uri
 from r2m.tracking.mlflow_store import EXPERIMENT_SPECIALISTS, experiment_id
 from r2m.tracking.registry import tag_value
 from r2m.training.specialist import recipe, train_specialist
@@ -93,11 +92,8 @@ def fetch_trained(params: Params, client, run_id: str) -> Path:
     if tags.get(TRAINED_TAG) != "true" or not tags.get(FILE_TAG):
         raise DatasetError(Path(tags.get("generator", run_id)),
                            f"MLflow run {run_id} is not a finished r2m training run (no '{TRAINED_TAG}' tag)")
-    reference = SimpleNamespace(  # what resolve_checkpoint reads of a model version
-        name=f"training run of {tags.get('generator')}", version=run_id, source="",
-        tags={ARTIFACT_URI_TAG: checkpoint_uri(run_id, tags[FILE_TAG]), "sha256": tags.get("sha256", "")},
-    )
-    return resolve_checkpoint(params, client, reference)
+    return resolve_checkpoint_uri(params, client, checkpoint_uri(run_id, tags[FILE_TAG]), tags.get("sha256") or None,
+                                  f"training run {run_id} of {tags.get('generator')}")
 
 
 def train_and_log(

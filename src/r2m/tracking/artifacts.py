@@ -82,15 +82,21 @@ def _matches(path: Path, sha256: str | None) -> bool:
 
 def resolve_checkpoint(params: Params, client, mv) -> Path:
     """The local safetensors file (with its sidecar) of model version `mv`."""
-    uri = version_uri(client, mv)
+    return resolve_checkpoint_uri(params, client, version_uri(client, mv), mv.tags.get("sha256") or None,
+                                  f"{mv.name} v{mv.version}")
+
+
+def resolve_checkpoint_uri(params: Params, client, uri: str, sha: str | None, label: str) -> Path:
+    """The local safetensors file (with its sidecar) at `runs:/<run>/<path>`: the run's own
+    artifact folder for a local store, else downloaded once into `<artifacts>/cache/`; checked
+    against the sidecar's (and the file's) `sha` when given. `label` names it in errors."""
     run_id, rel = parse_runs_uri(uri)
-    sha = mv.tags.get("sha256") or None
     local = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
     if local is not None:
         path = local / rel
         if _matches(path, sha):
             return path
-        raise RegistryError(f"{mv.name} v{mv.version}: {uri} is not in this project's artifact store ({path} "
+        raise RegistryError(f"{label}: {uri} is not in this project's artifact store ({path} "
                             + ("missing" if not path.is_file() else "has another sha256") + ")")
     cache = params.path("artifacts") / CACHE / (sha[:16] if sha else run_id)
     path = cache / Path(rel).name
@@ -103,9 +109,9 @@ def resolve_checkpoint(params: Params, client, mv) -> Path:
         got = Path(client.download_artifacts(run_id, folder, str(tmp)))
         src = got / Path(rel).name
         if not src.is_file():
-            raise RegistryError(f"{mv.name} v{mv.version}: {uri} has no file {Path(rel).name}")
+            raise RegistryError(f"{label}: {uri} has no file {Path(rel).name}")
         if sha and file_sha256(src) != sha:
-            raise RegistryError(f"{mv.name} v{mv.version}: {uri} does not match the registered sha256 {sha[:12]}")
+            raise RegistryError(f"{label}: {uri} does not match the registered sha256 {sha[:12]}")
         if sidecar_path(src).is_file():
             os.replace(sidecar_path(src), sidecar_path(path))
         os.replace(src, path)
