@@ -13,13 +13,16 @@ Candidates (each returns the projected matrix W̃ and is timed end to end, proje
 - evr32-subset:   the same in float32;
 - svd32:          torch.linalg.svd of W in float32 (CPU: gesdd), U_k Σ_k V_kᵀ;
 - svd64:          the same in float64;
+- certified:      what r2m ships (r2m.merging.linalg.eigenbases): float32 Gram, float32 eigh, kept
+                  where the eigenvalue error bound certifies the rank, else eigh again in float64;
 - eigvalsh64:     eigenvalues only (no vectors, no projection): a lower bound for any
                   "eigvalsh + projector" method, which needs at least this plus a projector.
 
 Accuracy per candidate: ‖W − W̃‖_F / ‖W − W_k‖_F − 1 (0 = the best rank-k approximation; the
-Eckart–Young optimum from the float64 SVD) and rank(W̃) ≤ k. Test matrices look like the
-benchmark's task-vector residuals: a low-rank part plus dense noise (a flat tail of singular values,
-the hard case for subspace accuracy). Results: bench/results/truncation_bench.md (and .json).
+Eckart–Young optimum from the float64 SVD) and rank(W̃) ≤ k. Inputs (`--inputs`): `residual` looks
+like the benchmark's task-vector residuals, a low-rank part plus dense noise (a flat tail of
+singular values); `floor` is a few large singular values over a noise floor 500× smaller, the
+spectrum float32 cannot resolve (where `certified` falls back to float64). Results: bench/results/truncation_bench.md (and .json).
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def residual_like(m: int, n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     low = torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g)
     return (1e-4 * low + 2e-4 * torch.randn(m, n, generator=g)).contiguous()
+
+
+def floor_like(m: int, n: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, p, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64))
+    sigma = torch.cat([torch.tensor([50.0, 30, 20, 10], dtype=torch.float64), 0.1 * torch.rand(p - 4, generator=g, dtype=torch.float64) + 0.05])
+    return ((u * sigma) @ v.T).float().contiguous()
+
+
+INPUTS = {"residual": residual_like, "floor": floor_like}
 
 
 def candidates():
@@ -92,7 +109,14 @@ def candidates():
         torch.linalg.eigvalsh(w64.T @ w64)
         return None
 
+    def shipped(w, k):
+        from r2m.merging.linalg import eigenbases
+
+        _, bases = eigenbases(w[None], [k])
+        return bases.project(w, 0, k)
+
     return {
+        "certified": shipped,
         "gram64-eigh64": gram64_eigh64,
         "gram32-eigh64": gram32_eigh64,
         "gram32-eigh32": gram32_eigh32,
@@ -110,6 +134,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["1024x1024", "4096x1024"])
     ap.add_argument("--ranks", type=float, nargs="+", default=[0.1, 0.7])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--inputs", nargs="+", default=["residual"], choices=list(INPUTS))
     ap.add_argument("--only", nargs="*", default=None, help="candidate names to run (default: all)")
     ap.add_argument("--out", default=str(HERE / "results" / "truncation_bench.md"))
     args = ap.parse_args()
@@ -120,9 +145,9 @@ def main() -> None:
     cands = candidates()
     names = args.only or list(cands)
     rows = []
-    for shape in args.shapes:
+    for kind, shape in ((kind, shape) for kind in args.inputs for shape in args.shapes):
         m, n = (int(x) for x in shape.split("x"))
-        w = residual_like(m, n, seed=m + n)
+        w = INPUTS[kind](m, n, seed=m + n)
         sigma = torch.linalg.svdvals(w.double())
         for r in args.ranks:
             k = max(1, int(r * min(m, n) + 1e-9))
@@ -137,28 +162,30 @@ def main() -> None:
                     times.append(time.perf_counter() - t)
                     cpu.append(time.process_time() - c)
                 # CPU seconds (all threads) are robust to other jobs on a shared machine; wall seconds are what a merge waits
-                row = {"shape": shape, "r": r, "k": k, "method": name, "seconds_min": min(times), "seconds_median": sorted(times)[len(times) // 2], "cpu_seconds_min": min(cpu)}
+                row = {"input": kind, "shape": shape, "r": r, "k": k, "method": name, "seconds_min": min(times), "seconds_median": sorted(times)[len(times) // 2], "cpu_seconds_min": min(cpu)}
                 if out is not None:
                     err = float((w.double() - out.double()).norm())
                     row["excess"] = err / best - 1.0
                     row["rank_ok"] = bool(torch.linalg.matrix_rank(out.double(), rtol=1e-4) <= k)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    ref = {(r["shape"], r["r"]): r["seconds_min"] for r in rows if r["method"] == "gram64-eigh64"}
+    ref = {(r["input"], r["shape"], r["r"]): r["seconds_min"] for r in rows if r["method"] == "gram64-eigh64"}
     lines = [
         f"# Truncation microbenchmark (`bench/truncation_bench.py`), {args.threads} threads, CPU ({os.cpu_count()} cores visible)",
         "",
         "Seconds are the minimum of the repetitions; speed-up is against gram64-eigh64 (main's method) on the same",
         "matrix; excess = ‖W − W̃‖_F / ‖W − W_k‖_F − 1 against the float64 SVD optimum (0 = exact).",
         "",
-        "| shape | r (k) | method | s (min) | s (median) | CPU s (min) | speed-up | excess | rank ≤ k |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| input | shape | r (k) | method | s (min) | s (median) | CPU s (min) | speed-up | excess | rank ≤ k |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        speed = ref[(row["shape"], row["r"])] / row["seconds_min"]
+        base = ref.get((row["input"], row["shape"], row["r"]))
+        speed = f"{base / row['seconds_min']:.2f}×" if base else ""
+
         excess = f"{row['excess']:.1e}" if "excess" in row else "(no vectors)"
         rank = ("yes" if row["rank_ok"] else "NO") if "rank_ok" in row else ""
-        lines.append(f"| {row['shape']} | {row['r']} ({row['k']}) | {row['method']} | {row['seconds_min']:.3f} | {row['seconds_median']:.3f} | {row['cpu_seconds_min']:.3f} | {speed:.2f}× | {excess} | {rank} |")
+        lines.append(f"| {row['input']} | {row['shape']} | {row['r']} ({row['k']}) | {row['method']} | {row['seconds_min']:.3f} | {row['seconds_median']:.3f} | {row['cpu_seconds_min']:.3f} | {speed} | {excess} | {rank} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))

@@ -166,12 +166,44 @@ def test_the_accuracy_check_fails_for_a_wrong_subspace():
 
 
 def test_one_eigendecomposition_serves_every_rank_bitwise():
+    """Also where some ranks of a matrix are certified in float32 and others need float64."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(3, 48, 32, generator=g)
+    steep = _spectrum_matrix(48, 32, 0.7 ** torch.arange(32, dtype=torch.float64), seed=5).float()  # tail below float32 at large k
+    w = torch.cat([torch.randn(2, 48, 32, generator=g), steep[None]])
     ks = [truncation_rank((48, 32), r) for r in (0.1, 0.3, 0.5, 0.7)]
-    _, shared = eigenbases(w, ks)
+    kept, shared = eigenbases(w, ks)
+    assert bool(shared.exact.any()) and not bool(shared.exact.all())  # both paths are exercised
+    assert not bool(shared.exact[:2].any()) and bool(shared.exact[2, -1]) and not bool(shared.exact[2, 0])
     for k in ks:
-        _, alone = eigenbases(w, [k])
+        kept_alone, alone = eigenbases(w, [k])
+        assert torch.equal(kept[k], kept_alone[k])
         for i in range(3):
             assert torch.equal(shared.project(w[i], i, k), alone.project(w[i], i, k))
     assert shared.high.shape[2] + shared.low.shape[2] < 32 + 32 // 2  # only the columns the ranks need
+    assert shared.low64.shape[0] == 1  # float64 bases only for the matrix that needs them
+
+
+def test_float32_is_kept_only_where_certified_and_the_fallback_is_needed(monkeypatch):
+    """float32 eigh is kept for a resolvable spectrum; on a noise floor 500× below the top singular
+    values it is not certified, and forcing it there misses the Eckart–Young optimum."""
+    from r2m.merging import linalg
+
+    shape, r = (96, 64), 0.7
+    k = truncation_rank(shape, r)
+
+    def bases_for(spectrum):
+        w = _spectrum_matrix(*shape, SPECTRA[spectrum](64).sort(descending=True).values, seed=3).float()
+        return w, eigenbases(w[None], [k])[1]
+
+    _, flat = bases_for("flat")
+    assert not bool(flat.exact[0, 0]) and flat.low64.shape[0] == 0
+    w, floor = bases_for("low-rank+noise")
+    assert bool(floor.exact[0, 0])
+    sigma = torch.linalg.svdvals(w.double())
+    best, limit = float(sigma[k:].square().sum().sqrt()), None
+    limit = best * (1 + 1e-3) + 2e-6 * float(sigma[0]) * 8
+    assert float((w.double() - floor.project(w, 0, k).double()).norm()) <= limit
+    monkeypatch.setattr(linalg, "certified", lambda evals, k: torch.ones(evals.shape[0], dtype=torch.bool))
+    _, forced = eigenbases(w[None], [k])
+    assert not bool(forced.exact[0, 0])
+    assert float((w.double() - forced.project(w, 0, k).double()).norm()) > limit

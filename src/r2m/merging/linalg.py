@@ -1,20 +1,29 @@
 """Exact low-rank truncation and small Gram-matrix algebra.
 
 Truncation (SVD_r of A.5): the best rank-k approximation of W (m×n) is W V_k V_kᵀ with V_k the
-top-k eigenvectors of the small Gram matrix WᵀW (or U_k U_kᵀ W from WWᵀ when m < n). Chosen by
-measurement (bench/truncation_bench.py, bench/results/truncation_bench.md): the Gram is formed in
-float32 and eigendecomposed in float64 (torch.linalg.eigh), the fastest candidate that stays the
-best rank-k approximation to tolerance (tests/test_merging_grid.py, against the Eckart–Young optimum).
-float32 eigh was faster still but is not exact (up to 1.5 % above the optimum when σ_1/σ_k is large);
-float64 Gram + eigh (main before issue 14), LAPACK ?syevr on the needed subset (fast only for small
-k, and a grid needs most columns), torch.linalg.svd and eigenvalues alone (a lower bound for any
-"eigvalsh + projector") were slower. The projection uses the complement basis when k > p/2.
+top-k eigenvectors of the small Gram matrix WᵀW (or U_k U_kᵀ W from WWᵀ when m < n). The projection
+uses the complement basis when k > p/2.
+
+How the eigendecomposition is done was chosen by measurement (bench/truncation_bench.py,
+bench/results/truncation_bench.md): the Gram is formed in float32 and eigendecomposed in float32
+(torch.linalg.eigh), which is about twice as fast as float64 — and is kept only where it is
+*certified* for the rank asked: every computed eigenvalue of a backward-stable symmetric
+eigensolver is within ‖E‖ ≤ c·ε·max|λ| of the exact one (LAPACK Users' Guide, "Error bounds for the
+symmetric eigenproblem", c ≈ 1; we take c = SAFETY), so the energy a computed basis discards exceeds
+the optimum ‖W − W_k‖² = Σ_{j>k} λ_j by at most 2 (p − k)‖E‖ (Weyl, and each Rayleigh quotient of a
+computed vector is within ‖E‖ of its computed eigenvalue). Where that bound is more than TAIL_TOL
+of the discarded energy — a spectrum whose tail sits below float32's resolution, e.g. a few large
+singular values over a noise floor 500× smaller — the matrix is eigendecomposed again in float64
+and that rank uses the float64 bases. The decision depends only on the matrix and k, so a grid's
+truncations stay bitwise those of the single-rank merge. float32 alone is not exact (1.5 % above
+the optimum on the low-rank + noise spectrum); LAPACK ?syevr on a subset, torch.linalg.svd and
+float64 throughout were slower (the measurements are in the results file).
 
 One eigendecomposition serves every rank: the top-k subspaces are nested, so `Eigenbases` keeps
 the columns that a set of ranks needs (the top max-k for the ranks applied directly, the bottom
 max(p−k) for those applied through the complement) and `project` slices them. A projection for
-rank k is computed the same way whether the bases were made for one rank or for a grid, so a
-grid's truncations are bitwise those of the single-rank merge. On CUDA the work runs on the GPU.
+rank k is computed the same way whether the bases were made for one rank or for a grid. On CUDA the
+work runs on the GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+SAFETY = 1.0  # c of the eigenvalue error bound: LAPACK's own estimate (EERRBD = ε·max|λ|)
+TAIL_TOL = 2e-3  # allowed excess of ‖W − W̃‖² over the optimum: the accuracy criterion, 1e-3 on the norm
 
 
 def truncation_rank(shape: tuple[int, int], r: float) -> int:
@@ -36,17 +49,32 @@ def _keep(k: int, p: int) -> bool:
     return k <= p - k
 
 
+def certified(evals: torch.Tensor, k: int) -> torch.Tensor:
+    """Per matrix (rows of evals: a float32 eigendecomposition's eigenvalues, ascending): is the rank-k
+    truncation from its eigenvectors within TAIL_TOL of the optimum by the bound in the module text?"""
+    p = evals.shape[1]
+    bound = 2 * (p - k) * SAFETY * EPS32 * evals.abs().amax(1)
+    return bound <= TAIL_TOL * evals[:, : p - k].clamp_min(0).sum(1)
+
+
 @dataclass
 class Eigenbases:
     """Eigenvectors (ascending eigenvalue order) of the Gram of one block of each specialist.
 
     low:  B × p × L   the L bottom eigenvectors (complement bases of the ranks with k > p/2)
     high: B × p × H   the H top eigenvectors (bases of the ranks with k ≤ p/2)
-    side: "right" (Gram WᵀW, W̃ = W B Bᵀ) or "left" (Gram WWᵀ, W̃ = B Bᵀ W)."""
+    side: "right" (Gram WᵀW, W̃ = W B Bᵀ) or "left" (Gram WWᵀ, W̃ = B Bᵀ W).
+    ks:   the ranks they were made for; exact[i, j]: rank ks[j] of matrix i uses the float64
+          eigendecomposition's columns, row row64[i] of low64/high64 (−1: none was needed)."""
 
     low: torch.Tensor
     high: torch.Tensor
     side: str
+    ks: tuple[int, ...]
+    exact: torch.Tensor
+    row64: torch.Tensor
+    low64: torch.Tensor
+    high64: torch.Tensor
 
     @property
     def p(self) -> int:
@@ -56,8 +84,13 @@ class Eigenbases:
         """Specialist i's basis for rank k and whether it is kept or removed. Always a fresh copy:
         BLAS rounds differently for differently aligned operands, and a grid's slice must give
         bitwise the single rank's projection."""
-        p, high = self.p, self.high.shape[2]
-        part, keep = (self.high[i, :, high - k :], True) if _keep(k, p) else (self.low[i, :, : p - k], False)
+        if bool(self.exact[i, self.ks.index(k)]):
+            row = int(self.row64[i])
+            low, high = self.low64[row], self.high64[row]
+        else:
+            low, high = self.low[i], self.high[i]
+        p = self.p
+        part, keep = (high[:, high.shape[1] - k :], True) if _keep(k, p) else (low[:, : p - k], False)
         return torch.empty(part.shape, dtype=part.dtype, device=part.device).copy_(part), keep
 
     def project(self, w: torch.Tensor, i: int, k: int) -> torch.Tensor:
@@ -67,32 +100,54 @@ class Eigenbases:
         return part if keep else w - part
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.low, self.high, torch.tensor([self.side == "right"])]
+        flags = torch.tensor([self.side == "right"])
+        return [self.low, self.high, flags, torch.tensor(self.ks), self.exact, self.row64, self.low64, self.high64]
 
     @staticmethod
-    def from_tensors(low: torch.Tensor, high: torch.Tensor, flags: torch.Tensor, device: torch.device) -> "Eigenbases":
-        return Eigenbases(low.to(device), high.to(device), "right" if bool(flags[0]) else "left")
+    def from_tensors(tensors: Sequence[torch.Tensor], device: torch.device) -> "Eigenbases":
+        low, high, flags, ks, exact, row64, low64, high64 = tensors
+        side = "right" if bool(flags[0]) else "left"
+        return Eigenbases(low.to(device), high.to(device), side, tuple(int(k) for k in ks), exact.cpu(), row64.cpu(), low64.to(device), high64.to(device))
 
 
-def eigenbases(w: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Tensor, Eigenbases]:
-    """One Gram eigendecomposition per matrix of the batch w (B×m×n), for every k in ks.
+N_TENSORS = 8  # len(Eigenbases.tensors())
 
-    Returns (eigenvalues B×p ascending, float64; the bases the ks need). Every k must be < p."""
-    _, m, n = w.shape
-    p = min(m, n)
-    right = m >= n
-    grams = w.transpose(1, 2) @ w if right else w @ w.transpose(1, 2)  # float32 Gram
-    evals, vecs = torch.linalg.eigh(grams.to(torch.float64))  # float64 eigh (float32 eigh is not exact), ascending
-    vecs = vecs.to(torch.float32)
+
+def _columns(vecs: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    p = vecs.shape[-1]
     high = max((k for k in ks if _keep(k, p)), default=0)
     low = max((p - k for k in ks if not _keep(k, p)), default=0)
-    bases = Eigenbases(vecs[:, :, :low].contiguous(), vecs[:, :, p - high :].contiguous(), "right" if right else "left")
-    return evals, bases
+    return vecs[:, :, :low].contiguous(), vecs[:, :, p - high :].contiguous()
 
 
-def kept_energy(evals: torch.Tensor, k: int) -> torch.Tensor:
-    """‖W_k‖² per matrix from its Gram's ascending eigenvalues: the sum of the top k (float64)."""
-    return evals[:, evals.shape[1] - k :].clamp_min(0).sum(1)
+def eigenbases(w: torch.Tensor, ks: Sequence[int]) -> tuple[dict[int, torch.Tensor], Eigenbases]:
+    """One Gram eigendecomposition per matrix of the batch w (B×m×n), for every k in ks (each < p).
+
+    Returns ({k: ‖W_k‖² per matrix, float64}, the bases the ks need). float32 eigh, redone in float64
+    for the matrices where some k is not `certified`."""
+    ks = tuple(sorted(set(ks)))
+    _, m, n = w.shape
+    right = m >= n
+    grams = w.transpose(1, 2) @ w if right else w @ w.transpose(1, 2)  # float32 Gram
+    evals32, vecs = torch.linalg.eigh(grams)
+    evals = evals32.to(torch.float64)
+    exact = torch.stack([~certified(evals, k) for k in ks], dim=1).cpu()  # B × len(ks)
+    need = exact.any(1)
+    row64 = torch.full((w.shape[0],), -1, dtype=torch.long)
+    low, high = _columns(vecs, ks)
+    low64, high64 = low[:0], high[:0]
+    kept = {k: evals[:, evals.shape[1] - k :].clamp_min(0).sum(1).cpu() for k in ks}
+    if bool(need.any()):
+        idx = need.nonzero().flatten()
+        row64[idx] = torch.arange(len(idx))
+        e64, v64 = torch.linalg.eigh(grams[idx.to(grams.device)].to(torch.float64))
+        low64, high64 = _columns(v64.to(torch.float32), ks)
+        for j, k in enumerate(ks):
+            better = e64[:, e64.shape[1] - k :].clamp_min(0).sum(1).cpu()
+            rows = exact[idx, j]
+            kept[k][idx[rows]] = better[rows]
+    side = "right" if right else "left"
+    return kept, Eigenbases(low, high, side, ks, exact, row64, low64, high64)
 
 
 def block_view(delta: torch.Tensor, shape: tuple[int, int], blocks: int) -> torch.Tensor:

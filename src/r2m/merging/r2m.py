@@ -36,7 +36,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from r2m.errors import MergeError
-from r2m.merging.linalg import Eigenbases, block_view, eigenbases, gram, kept_energy, top_singular, truncation_rank
+from r2m.merging.linalg import N_TENSORS, Eigenbases, block_view, eigenbases, gram, top_singular, truncation_rank
 from r2m.merging.stream import Scratch, Sink
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors, TensorPlan, centred, task_vectors
 from r2m.merging.wa import average
@@ -120,11 +120,11 @@ def _analyse_keys(tv: TaskVectors, ranks: tuple[float, ...], g: torch.Tensor, re
         for b in range(p.blocks):
             block = parts[:, b]
             if truncated:
-                evals, eb = eigenbases(block, truncated)
+                kept, eb = eigenbases(block, truncated)
                 stored += eb.tensors()
             for r, k in ks.items():
                 if k < min(sub):
-                    res_sq[r] += kept_energy(evals, k).cpu()
+                    res_sq[r] += kept[k]
                 else:
                     res_sq[r] += gram(block.reshape(n, -1).cpu()).diagonal()
         svd_seconds += time.perf_counter() - start
@@ -236,7 +236,7 @@ def _build_keys(tv: TaskVectors, an: Analysis, parts: Parts, device: torch.devic
             scratch.append([theta0 + a32[key] @ tau])  # θ0 + τ_core
         delta = centred(tau)  # in place
         stored = next(replay) if p.blocks else []
-        ebs = [Eigenbases.from_tensors(*stored[j : j + 3], device) for j in range(0, len(stored), 3)]
+        ebs = [Eigenbases.from_tensors(stored[j : j + N_TENSORS], device) for j in range(0, len(stored), N_TENSORS)]
         if p.blocks:
             shape = p.matrix_shape
             sub = (shape[0] // p.blocks, shape[1])
