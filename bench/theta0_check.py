@@ -20,6 +20,7 @@ Reuses specialists already in `--out`. Torch runs at `--threads` threads (CUDA w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -47,10 +48,15 @@ def main() -> None:
     ap.add_argument("--save-theta0", type=Path, default=None, help="copy the θ0 used here to this file")
     ap.add_argument("--model", default="{}", help="JSON: overrides of the model section (e.g. lr)")
     ap.add_argument("--train", default="{}", help="JSON: overrides of the train section (e.g. epochs)")
+    ap.add_argument("--merge", default="{}", help="JSON: overrides of the merge section (e.g. a what-if alpha_grid / rank_grid)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loop", action="store_true",
                     help="also replay the loop's one-at-a-time steps (R²M, onboarding order, gated against the champion of that moment)")
     ap.add_argument("--loop-only", action="store_true", help="with --loop: skip the all-methods merge of every specialist")
+    ap.add_argument("--regression-on", choices=["all", "seen"], default="all",
+                    help="with --loop, a what-if for a spec decision: 'all' (SPEC 6, what r2m run does) checks champion "
+                         "regression on every task both were scored on; 'seen' only on the seen tasks (unseen sets then "
+                         "count through GAIN alone). The product's gate is not changed by this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,6 +69,7 @@ def main() -> None:
         paths={"artifacts": str(args.out / "artifacts"), "data_root": str(args.data)},
         model=model,
         train=repo.train.model_dump() | json.loads(args.train),
+        merge=repo.merge.model_dump() | json.loads(args.merge),
     )
     if args.pretrain is not None:
         overrides["pretrain"] = json.loads(args.pretrain)
@@ -92,7 +99,7 @@ def main() -> None:
     print("specialists' own val AUC:", {k: round(v, 3) for k, v in val_auc.items() if v is not None})
 
     if args.loop_only:
-        steps = replay_loop(params, theta0, specialists, seen, unseen, args.out / "loop")
+        steps = replay_loop(params, theta0, specialists, seen, unseen, args.out / "loop", args.regression_on)
         (args.out / "result.json").write_text(json.dumps({"val_auc": val_auc, "timings_s": timings, "loop": steps}, indent=2, default=str))
         return
     t0 = time.perf_counter()
@@ -118,16 +125,17 @@ def main() -> None:
         result["methods"][method] = {"hparams": hparams, "drop": summary.drop, "gain": summary.gain, "gain_macro": summary.gain_macro,
                                      "gate_passed": gate.passed, "gate_reason": gate.reason, "selection": selection.get(method)}
     if args.loop:
-        result["loop"] = replay_loop(params, theta0, specialists, seen, unseen, args.out / "loop")
+        result["loop"] = replay_loop(params, theta0, specialists, seen, unseen, args.out / "loop", args.regression_on)
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
     (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str))
 
 
-def replay_loop(params, theta0, specialists: dict, seen, unseen, folder: Path) -> list[dict]:
+def replay_loop(params, theta0, specialists: dict, seen, unseen, folder: Path, regression_on: str = "all") -> list[dict]:
     """The loop's steps without MLflow: after each specialist (onboarding order = name order, as
     the scan), R²M over the first N chosen on their validation splits, scored on their test
     splits and every unseen set, gated against the champion of that moment (the last step that
-    passed), exactly the rules `r2m run` applies."""
+    passed), exactly the rules `r2m run` applies (`regression_on="seen"`: the what-if that checks
+    champion regression on the seen tasks only)."""
     champion, steps = None, []
     order = sorted(specialists)
     by_name = {d.name: d for d in seen}
@@ -146,6 +154,8 @@ def replay_loop(params, theta0, specialists: dict, seen, unseen, folder: Path) -
                                      progress=False, score_cache=folder / "scores")
         summary = summarize(evaluation, "candidate", specialists=[f"specialist-{g}" for g in first],
                             champion="champion" if champion is not None else None)
+        if regression_on == "seen":
+            summary = dataclasses.replace(summary, regression={t: v for t, v in summary.regression.items() if t in by_name})
         gate = check_gate(summary, params.gate)
         if gate.passed:
             champion = merged[params.merge.method]
