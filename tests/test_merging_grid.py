@@ -200,8 +200,7 @@ def test_float32_is_kept_only_where_certified_and_the_fallback_is_needed(monkeyp
     w, floor = bases_for("low-rank+noise")
     assert bool(floor.exact[0, 0])
     sigma = torch.linalg.svdvals(w.double())
-    best, limit = float(sigma[k:].square().sum().sqrt()), None
-    limit = best * (1 + 1e-3) + 2e-6 * float(sigma[0]) * 8
+    limit = float(sigma[k:].square().sum().sqrt()) * (1 + 1e-3) + 2e-6 * float(sigma[0]) * 8  # the criterion above
     assert float((w.double() - floor.project(w, 0, k).double()).norm()) <= limit
     monkeypatch.setattr(linalg, "certified", lambda evals, k: torch.ones(evals.shape[0], dtype=torch.bool))
     _, forced = eigenbases(w[None], [k])

@@ -8,8 +8,8 @@ How the eigendecomposition is done was chosen by measurement (bench/truncation_b
 bench/results/truncation_bench.md): the Gram is formed in float32 and eigendecomposed in float32
 (torch.linalg.eigh), which is about twice as fast as float64 — and is kept only where it is
 *certified* for the rank asked: every computed eigenvalue of a backward-stable symmetric
-eigensolver is within ‖E‖ ≤ c·ε·max|λ| of the exact one (LAPACK Users' Guide, "Error bounds for the
-symmetric eigenproblem", c ≈ 1; we take c = SAFETY), so the energy a computed basis discards exceeds
+eigensolver is within ‖E‖ ≈ c·ε·max|λ| of the exact one (LAPACK Users' Guide, "Error bounds for the
+symmetric eigenproblem", whose estimate takes c = 1, as we do), so the energy a computed basis discards exceeds
 the optimum ‖W − W_k‖² = Σ_{j>k} λ_j by at most 2 (p − k)‖E‖ (Weyl, and each Rayleigh quotient of a
 computed vector is within ‖E‖ of its computed eigenvalue). Where that bound is more than TAIL_TOL
 of the discarded energy — a spectrum whose tail sits below float32's resolution, e.g. a few large
@@ -35,7 +35,6 @@ from typing import Sequence
 import torch
 
 EPS32 = float(torch.finfo(torch.float32).eps)
-SAFETY = 1.0  # c of the eigenvalue error bound: LAPACK's own estimate (EERRBD = ε·max|λ|)
 TAIL_TOL = 2e-3  # allowed excess of ‖W − W̃‖² over the optimum: the accuracy criterion, 1e-3 on the norm
 
 
@@ -53,7 +52,7 @@ def certified(evals: torch.Tensor, k: int) -> torch.Tensor:
     """Per matrix (rows of evals: a float32 eigendecomposition's eigenvalues, ascending): is the rank-k
     truncation from its eigenvectors within TAIL_TOL of the optimum by the bound in the module text?"""
     p = evals.shape[1]
-    bound = 2 * (p - k) * SAFETY * EPS32 * evals.abs().amax(1)
+    bound = 2 * (p - k) * EPS32 * evals.abs().amax(1)  # 2 (p − k)‖E‖ with LAPACK's ‖E‖ ≈ ε·max|λ|
     return bound <= TAIL_TOL * evals[:, : p - k].clamp_min(0).sum(1)
 
 
