@@ -174,11 +174,13 @@ def test_one_eigendecomposition_serves_every_rank_bitwise():
     kept, shared = eigenbases(w, ks)
     assert bool(shared.exact.any()) and not bool(shared.exact.all())  # both paths are exercised
     assert not bool(shared.exact[:2].any()) and bool(shared.exact[2, -1]) and not bool(shared.exact[2, 0])
+    together = [shared.project_ranks(w[i], i, ks) for i in range(3)]  # what the grid's build pass calls
     for k in ks:
         kept_alone, alone = eigenbases(w, [k])
         assert torch.equal(kept[k], kept_alone[k])
         for i in range(3):
             assert torch.equal(shared.project(w[i], i, k), alone.project(w[i], i, k))
+            assert torch.equal(together[i][k], alone.project(w[i], i, k))
     assert shared.high.shape[2] + shared.low.shape[2] < 32 + 32 // 2  # only the columns the ranks need
     assert shared.low64.shape[0] == 1  # float64 bases only for the matrix that needs them
 
@@ -206,3 +208,22 @@ def test_float32_is_kept_only_where_certified_and_the_fallback_is_needed(monkeyp
     _, forced = eigenbases(w[None], [k])
     assert not bool(forced.exact[0, 0])
     assert float((w.double() - forced.project(w, 0, k).double()).norm()) > limit
+
+
+def test_nested_ranks_apply_each_top_column_once(monkeypatch):
+    """The grid's ranks through the top basis (r = 0.1, 0.3, 0.5) share their prefix: the columns
+    applied are those of the largest such rank, not their sum; the complement rank adds its own."""
+    from r2m.merging.linalg import Eigenbases
+
+    w = torch.randn(1, 96, 80, generator=torch.Generator().manual_seed(1))
+    ks = [truncation_rank((96, 80), r) for r in (0.1, 0.3, 0.5, 0.7)]  # 8, 24, 40 (top) and 56 (complement: 24)
+    _, bases = eigenbases(w, ks)
+    applied = []
+    real = Eigenbases._apply
+    monkeypatch.setattr(Eigenbases, "_apply", lambda self, x, cols: applied.append(cols.shape[1]) or real(self, x, cols))
+    bases.project_ranks(w[0], 0, ks)
+    assert sum(applied) == 40 + (80 - 56)
+    applied.clear()
+    for k in ks:
+        bases.project(w[0], 0, k)
+    assert sum(applied) == 8 + 24 + 40 + 24  # one rank at a time applies every chunk again

@@ -24,8 +24,10 @@ float64 throughout were slower (the measurements are in the results file).
 One eigendecomposition serves every rank: the top-k subspaces are nested, so `Eigenbases` keeps
 the columns that a set of ranks needs (the top max-k for the ranks applied directly, the bottom
 max(p−k) for those applied through the complement) and `project` slices them. A projection for
-rank k is computed the same way whether the bases were made for one rank or for a grid. On CUDA the
-work runs on the GPU.
+rank k is computed the same way whether the bases were made for one rank or for a grid, and
+through the top basis it is a sum of chunks between fixed boundaries, so the nested ranks of a grid
+apply each top column once (`Eigenbases.project_ranks`) and still match a single rank bitwise. On
+CUDA the work runs on the GPU.
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ from typing import Sequence
 import torch
 
 EPS32 = float(torch.finfo(torch.float32).eps)
+CHUNK_RATIOS = (0.1, 0.3, 0.5)  # fixed chunk boundaries of top-basis projections: SPEC 5's ranks ≤ 1/2
 TAIL_TOL = 2e-3  # allowed excess of ‖W − W̃‖² over the optimum: the accuracy criterion, 1e-3 on the norm
 
 
 def truncation_rank(shape: tuple[int, int], r: float) -> int:
     """k = ⌊r · min(m, n)⌋, at least 1 (SPEC 5 step 4). A tiny epsilon absorbs float error in r·p."""
     return max(1, math.floor(r * min(shape) + 1e-9))
+
+
+def chunk_ends(p: int) -> list[int]:
+    """The chunk boundaries ⌊ρ·p⌋ of a top-basis projection (Eigenbases.project_ranks), at least 1."""
+    return sorted({max(1, math.floor(rho * p + 1e-9)) for rho in CHUNK_RATIOS})
 
 
 def _keep(k: int, p: int) -> bool:
@@ -81,24 +89,48 @@ class Eigenbases:
     def p(self) -> int:
         return self.low.shape[1]
 
-    def basis(self, i: int, k: int) -> tuple[torch.Tensor, bool]:
-        """Specialist i's basis for rank k and whether it is kept or removed. Always a fresh copy:
-        BLAS rounds differently for differently aligned operands, and a grid's slice must give
-        bitwise the single rank's projection."""
+    def _source(self, i: int, k: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Which eigendecomposition rank k of matrix i uses: (tag, its bottom and top columns)."""
         if bool(self.exact[i, self.ks.index(k)]):
             row = int(self.row64[i])
-            low, high = self.low64[row], self.high64[row]
-        else:
-            low, high = self.low[i], self.high[i]
-        p = self.p
-        part, keep = (high[:, high.shape[1] - k :], True) if _keep(k, p) else (low[:, : p - k], False)
-        return torch.empty(part.shape, dtype=part.dtype, device=part.device).copy_(part), keep
+            return "float64", self.low64[row], self.high64[row]
+        return "float32", self.low[i], self.high[i]
+
+    def _apply(self, w: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """W B Bᵀ (right) or B Bᵀ W (left) for the columns B, copied fresh first: BLAS rounds
+        differently for differently aligned operands, and a grid's slice must give bitwise the
+        single rank's projection."""
+        b = torch.empty(cols.shape, dtype=cols.dtype, device=cols.device).copy_(cols)
+        return (w @ b) @ b.T if self.side == "right" else b @ (b.T @ w)
 
     def project(self, w: torch.Tensor, i: int, k: int) -> torch.Tensor:
         """Rank-k truncation of specialist i's block w (m×n, on the bases' device)."""
-        b, keep = self.basis(i, k)
-        part = (w @ b) @ b.T if self.side == "right" else b @ (b.T @ w)
-        return part if keep else w - part
+        return self.project_ranks(w, i, [k])[k]
+
+    def project_ranks(self, w: torch.Tensor, i: int, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Rank-k truncations of specialist i's block w for every k in ks.
+
+        A rank applied through the top basis is the sum, in order, of its chunks between the fixed
+        boundaries ⌊ρ·p⌋ (ρ in CHUNK_RATIOS) below k, then k: so the nested ranks of a grid share
+        their common prefix (each top column is applied once), and every result is bitwise what
+        `project` gives for that rank alone. A rank with k > p/2 is W minus its complement's part."""
+        p = self.p
+        out: dict[int, torch.Tensor] = {}
+        prefix: dict[tuple[str, int], torch.Tensor] = {}  # (eigendecomposition, chunk end) -> the sum so far
+        for k in sorted(set(ks)):
+            tag, low, high = self._source(i, k)
+            if not _keep(k, p):
+                out[k] = w - self._apply(w, low[:, : p - k])
+                continue
+            top = high.shape[1]
+            total, start = None, 0
+            for end in [b for b in chunk_ends(p) if b < k] + [k]:
+                if (tag, end) not in prefix:
+                    part = self._apply(w, high[:, top - end : top - start])
+                    prefix[(tag, end)] = part if total is None else total + part
+                total, start = prefix[(tag, end)], end
+            out[k] = total
+        return out
 
     def tensors(self) -> list[torch.Tensor]:
         flags = torch.tensor([self.side == "right"])

@@ -237,23 +237,25 @@ def _build_keys(tv: TaskVectors, an: Analysis, parts: Parts, device: torch.devic
         delta = centred(tau)  # in place
         stored = next(replay) if p.blocks else []
         ebs = [Eigenbases.from_tensors(stored[j : j + N_TENSORS], device) for j in range(0, len(stored), N_TENSORS)]
+        truncated = {r: delta for r in parts.residuals}  # ranks that keep the full matrix, and keys without blocks
         if p.blocks:
             shape = p.matrix_shape
             sub = (shape[0] // p.blocks, shape[1])
-            blocks_in = block_view(delta, shape, p.blocks).to(device)
-        for r, res in parts.residuals.items():
-            k = truncation_rank(sub, r) if p.blocks else 0
-            if p.blocks and k < min(sub):
+            ks = {r: truncation_rank(sub, r) for r in parts.residuals if truncation_rank(sub, r) < min(sub)}
+            if ks:
                 start = time.perf_counter()
-                out = torch.empty_like(blocks_in)
+                blocks_in = block_view(delta, shape, p.blocks).to(device)
+                outs = {r: torch.empty_like(blocks_in) for r in ks}
                 for b, eb in enumerate(ebs):
                     for i in range(n):
-                        out[i, b] = eb.project(blocks_in[i, b], i, k)
-                truncated = out.reshape(n, -1).cpu()
+                        projected = eb.project_ranks(blocks_in[i, b], i, list(ks.values()))  # nested ranks share their prefix
+                        for r, k in ks.items():
+                            outs[r][i, b] = projected[k]
+                for r, out in outs.items():
+                    truncated[r] = out.reshape(n, -1).cpu()
                 parts.projection_seconds += time.perf_counter() - start
-            else:
-                truncated = delta
-            value = w32[r] @ truncated  # τ_res on this key
+        for r, res in parts.residuals.items():
+            value = w32[r] @ truncated[r]  # τ_res on this key
             res.norm_sq += float(gram(value[None])[0, 0])
             res.scratch.append([value])
 
