@@ -182,7 +182,6 @@ def main() -> None:
     for row in rows:
         base = ref.get((row["input"], row["shape"], row["r"]))
         speed = f"{base / row['seconds_min']:.2f}×" if base else ""
-
         excess = f"{row['excess']:.1e}" if "excess" in row else "(no vectors)"
         rank = ("yes" if row["rank_ok"] else "NO") if "rank_ok" in row else ""
         lines.append(f"| {row['input']} | {row['shape']} | {row['r']} ({row['k']}) | {row['method']} | {row['seconds_min']:.3f} | {row['seconds_median']:.3f} | {row['cpu_seconds_min']:.3f} | {speed} | {excess} | {rank} |")

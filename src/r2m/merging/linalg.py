@@ -50,7 +50,7 @@ def truncation_rank(shape: tuple[int, int], r: float) -> int:
 
 def chunk_ends(p: int) -> list[int]:
     """The chunk boundaries ⌊ρ·p⌋ of a top-basis projection (Eigenbases.project_ranks), at least 1."""
-    return sorted({max(1, math.floor(rho * p + 1e-9)) for rho in CHUNK_RATIOS})
+    return sorted({truncation_rank((p, p), rho) for rho in CHUNK_RATIOS})
 
 
 def _keep(k: int, p: int) -> bool:

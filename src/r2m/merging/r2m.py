@@ -241,7 +241,7 @@ def _build_keys(tv: TaskVectors, an: Analysis, parts: Parts, device: torch.devic
         if p.blocks:
             shape = p.matrix_shape
             sub = (shape[0] // p.blocks, shape[1])
-            ks = {r: truncation_rank(sub, r) for r in parts.residuals if truncation_rank(sub, r) < min(sub)}
+            ks = {r: k for r in parts.residuals if (k := truncation_rank(sub, r)) < min(sub)}
             if ks:
                 start = time.perf_counter()
                 blocks_in = block_view(delta, shape, p.blocks).to(device)
