@@ -8,15 +8,25 @@ VENV   ?= .venv
 ORT    ?= cpu
 BIN    := $(VENV)/bin
 
-.PHONY: setup postgresql run test demo-data schedule repro mlflow-ui clean-run
+.PHONY: setup lock postgresql run test demo-data schedule repro mlflow-ui clean-run
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every resolved version (pip constraints), so each fresh machine gets the same packages
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install -e '.[$(ORT),dev]'
+	$(BIN)/python -m pip install -c requirements.lock -e '.[$(ORT),dev]'
 	touch $@
+
+# re-resolve requirements.lock from pyproject.toml in a scratch venv (then review the diff and commit it)
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -e '.[cpu,dev]'
+	{ sed -n '1,2p' requirements.lock; echo "# Resolved on $$(uname -sm), Python 3.11, $$(date +%F)."; .venv-lock/bin/pip freeze --exclude-editable; \
+	  grep '^onnxruntime-gpu' requirements.lock; } > requirements.lock.new && mv requirements.lock.new requirements.lock
+	rm -rf .venv-lock
 
 # the embedded benchmark, built once (delete data/generators to rebuild it)
 demo-data: setup

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from r2m.errors import CheckpointError
+from r2m.fileio import atomic_write, atomic_write_json
 
 BACKBONE_PREFIX = "backbone."
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -43,28 +42,16 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path | str, data: dict) -> None:
     """Write JSON atomically (temp file + rename), so readers never see half a file."""
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str)))
+    atomic_write_json(path, data)
 
 
 def save_checkpoint(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
     """Write tensors + sidecar atomically; returns the safetensors file's sha256."""
     path = Path(path)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
     sha = file_sha256(path)
     write_json(sidecar_path(path), {**meta, "sha256": sha})
     return sha

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from r2m.errors import RegistryError
+from r2m.names import specialist_name
 
 DETECTOR = "r2m-detector"
 CHAMPION = "champion"
@@ -41,7 +42,7 @@ def is_lock_model(name: str) -> bool:
 
 
 def specialist_model_name(generator: str) -> str:
-    return f"specialist-{generator}"
+    return specialist_name(generator)
 
 
 def _mlflow_exception():
