@@ -1,4 +1,4 @@
-"""`r2m demo-data`: build the embedded benchmark (issue 3, SPEC section 11)."""
+"""`r2m demo-data`: build the embedded benchmark (docs/benchmark.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from r2m.cli import command
 @command("demo-data")
 def demo_data(
     out: Path = typer.Option(None, "--out", help="Data root to write the datasets into (default: paths.data_root)."),
-    size: int = typer.Option(None, "--size", help="Images per class per dataset (default: demo.size)."),
+    size: int = typer.Option(None, "--size", help="Images per class per seen dataset, cut 50/25/25 by source into train/val/test (default: demo.size)."),
+    unseen_size: int = typer.Option(None, "--unseen-size", help="Images per class per unseen (evaluation-only) set (default: demo.unseen_size)."),
     seed: int = typer.Option(None, "--seed", help="Random seed; same seed, same bytes (default: demo.seed)."),
     image_size: int = typer.Option(None, "--image-size", help="Side of the square images in px (default: demo.image_size)."),
     strength: float = typer.Option(None, "--strength", help="Scales every family's artifact (default: demo.strength)."),
@@ -33,12 +34,15 @@ def demo_data(
     cfg = params.demo
     out = out if out is not None else params.path("data_root")
     size = cfg.size if size is None else size
+    unseen_size = cfg.unseen_size if unseen_size is None else unseen_size
     seed = cfg.seed if seed is None else seed
     image_size = cfg.image_size if image_size is None else image_size
     strength = cfg.strength if strength is None else strength
     started = time.perf_counter()
-    folders = build_demo_data(out, size, seed, image_size, strength, workers=workers)
+    folders = build_demo_data(out, size, seed, image_size, strength, unseen_size=unseen_size,
+                              split_fractions=cfg.split_fractions, workers=workers)
     typer.echo(
-        f"wrote {len(folders)} datasets ({size} real + {size} fake images each, {image_size} px, seed {seed}) "
+        f"wrote {len(folders)} datasets ({size} real + {size} fake images per seen dataset, {unseen_size} + "
+        f"{unseen_size} per unseen set, {image_size} px, seed {seed}) "
         f"to {out} in {time.perf_counter() - started:.1f} s"
     )

@@ -1,14 +1,22 @@
 """Write the embedded benchmark: one generator dataset per (family, real domain), in the data
 contract (`<out>/<name>/generator.yaml`, `real/`, `fake/`).
 
+The benchmark ships its own protocol splits, as public benchmarks do (FF++, DF40's JSON files):
+each seen dataset's *sources* (photographs or photo regions) are cut into train/val/test at
+`split_fractions` by the contract's hash of the source id, and each split gets its exact share
+of the images, drawn round-robin from that split's sources only. The manifest lists the sources
+of every split (`splits:`), so validation and test images come from sources disjoint from
+training, and their sizes are exact (640 per class gives 320 / 160 / 160). An unseen dataset is
+evaluation-only: all its sources and images are test.
+
 For every index i the builder draws two crops of the same source region: one is saved as real,
 the other goes through the family's artifact and is saved as fake. Real and fake images thus come
 from the same sources in the same numbers, through the same resize and the same PNG encoder: the
 artifact is the only difference. Files are named `<source id>__<n>.png`, so the data contract's
 splitter keeps all crops of one source region in one split (no pixel is shared across splits).
 
-Deterministic: a dataset's bytes depend only on (seed, dataset name, size, image size) and the
-package versions (numpy, scipy, scikit-image, Pillow/zlib).
+Deterministic: a dataset's bytes depend only on (seed, dataset name, sizes, split fractions,
+image size, strength) and the package versions (numpy, scipy, scikit-image, Pillow/zlib).
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ from PIL import Image
 from r2m.data.demo.families import FAMILIES, Family
 from r2m.data.demo.sources import DOMAINS, domain_sources, sample_crop
 from r2m.data.manifest import MANIFEST_NAME, GeneratorManifest, SplitLists, dump_manifest, load_manifest
+from r2m.data.splits import SPLITS, hashed_splits
 from r2m.errors import DatasetError
+
+DEFAULT_SPLIT_FRACTIONS = {"train": 0.5, "val": 0.25, "test": 0.25}
 
 MARKER = "built by r2m demo-data"  # in `notes`: lets a rebuild replace its own folders only
 
@@ -64,10 +75,11 @@ def save_png(img: np.ndarray, path: Path) -> None:
     Image.fromarray(to_uint8_rgb(img), mode="RGB").save(path, format="PNG", compress_level=6)
 
 
-def _notes(spec: DatasetSpec, family: Family, size: int, seed: int, image_size: int, strength: float) -> str:
+def _notes(spec: DatasetSpec, family: Family, counts: dict[str, int], seed: int, image_size: int, strength: float) -> str:
     variants = ", ".join(v.__name__ for v in family.variants)
+    per_split = ", ".join(f"{split} {n}" for split, n in counts.items() if n)
     return (
-        f"{MARKER} (seed {seed}, size {size} per class, {image_size} px, strength {strength:g}). "
+        f"{MARKER} (seed {seed}, per class: {per_split}; {image_size} px, strength {strength:g}). "
         f"{family.code} family '{family.key}': {family.description}; variants: {variants}. "
         f"Real domain '{spec.domain}': crops of photographs bundled with scikit-image, scikit-learn "
         f"and matplotlib; files are <source id>__<n>.png and a source never straddles splits."
@@ -81,11 +93,24 @@ def _owned_by_demo(folder: Path) -> bool:
         return False
 
 
+def split_counts(size: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Images per class in each split: largest remainder of size·fraction (they sum to `size`)."""
+    raw = {split: size * fractions[split] for split in SPLITS}
+    counts = {split: int(raw[split]) for split in SPLITS}
+    by_remainder = sorted(SPLITS, key=lambda sp: (-(raw[sp] - counts[sp]), SPLITS.index(sp)))
+    for split in by_remainder[: size - sum(counts.values())]:
+        counts[split] += 1
+    return counts
+
+
 def build_dataset(
-    spec: DatasetSpec, out: Path | str, size: int, seed: int, image_size: int, strength: float = 1.0
+    spec: DatasetSpec, out: Path | str, size: int, seed: int, image_size: int, strength: float = 1.0,
+    split_fractions: dict[str, float] | None = None,
 ) -> Path:
     """Write one dataset under ``out``; returns its folder.
 
+    ``size`` images per class; a seen dataset's are shared among train/val/test at
+    ``split_fractions`` (default 50/25/25), each split's drawn from its own sources only.
     The folder is written under a hidden temporary name and renamed at the end, so a watcher
     never sees a half-written dataset. An existing folder is replaced only if an earlier
     `r2m demo-data` wrote it.
@@ -102,24 +127,32 @@ def build_dataset(
 
     rng = dataset_rng(seed, spec.name)
     pool = domain_sources(spec.domain)
-    order = rng.permutation(len(pool))
-    counts: dict[str, int] = {}
-    for i in range(size):
-        source = pool[order[i % len(pool)]]  # round-robin: every source gets size/len(pool) pairs
-        n = counts[source.id] = counts.get(source.id, -1) + 1
-        real = sample_crop(source, rng, image_size)
-        fake, _ = family.make_fake(sample_crop(source, rng, image_size), rng, strength)
-        save_png(real, tmp / "real" / f"{source.id}__{n:04d}.png")
-        save_png(fake, tmp / "fake" / f"{source.id}__{n:04d}.png")
+    if family.role == "unseen":  # evaluation-only (Protocol 3): every source and image is test
+        of_split = {source.id: "test" for source in pool}
+        quota = {"train": 0, "val": 0, "test": size}
+    else:
+        fractions = dict(split_fractions or DEFAULT_SPLIT_FRACTIONS)
+        of_split = hashed_splits([source.id for source in pool], fractions, seed)
+        quota = split_counts(size, fractions)
+    used: dict[str, dict[str, int]] = {split: {} for split in SPLITS}  # split -> source id -> crops
+    for split in SPLITS:
+        members = [source for source in pool if of_split[source.id] == split]
+        order = rng.permutation(len(members))
+        for i in range(quota[split]):
+            source = members[order[i % len(members)]]  # round-robin over this split's sources
+            n = used[split][source.id] = used[split].get(source.id, -1) + 1
+            real = sample_crop(source, rng, image_size)
+            fake, _ = family.make_fake(sample_crop(source, rng, image_size), rng, strength)
+            save_png(real, tmp / "real" / f"{source.id}__{n:04d}.png")
+            save_png(fake, tmp / "fake" / f"{source.id}__{n:04d}.png")
 
     manifest = GeneratorManifest(
         name=spec.name,
         family=family.code,
         domain=spec.domain,
         role=family.role,
-        # unseen datasets are evaluation-only (Protocol 3): every source goes to test
-        splits=SplitLists(test=sorted(counts)) if family.role == "unseen" else None,
-        notes=_notes(spec, family, size, seed, image_size, strength),
+        splits=SplitLists(**{split: sorted(used[split]) for split in SPLITS}),
+        notes=_notes(spec, family, quota, seed, image_size, strength),
     )
     dump_manifest(manifest, tmp)
     if target.exists():
@@ -141,13 +174,19 @@ def build_demo_data(
     image_size: int,
     strength: float = 1.0,
     *,
+    unseen_size: int | None = None,
+    split_fractions: dict[str, float] | None = None,
     datasets: tuple[DatasetSpec, ...] = DATASETS,
     workers: int = 2,
     progress: bool = True,
 ) -> list[Path]:
-    """Build every dataset of the benchmark under ``out`` (``workers`` processes); returns their folders."""
-    if size < 1:
-        raise DatasetError(out, f"--size must be at least 1 (got {size})")
+    """Build every dataset of the benchmark under ``out`` (``workers`` processes); returns their folders.
+
+    ``size`` images per class per seen dataset (cut at ``split_fractions``), ``unseen_size``
+    (default ``size``) per class per unseen, evaluation-only set."""
+    unseen_size = size if unseen_size is None else unseen_size
+    if size < 1 or unseen_size < 1:
+        raise DatasetError(out, f"--size and --unseen-size must be at least 1 (got {size}, {unseen_size})")
     if image_size < 16:
         raise DatasetError(out, f"--image-size must be at least 16 px (got {image_size})")
     if not strength > 0:
@@ -157,7 +196,8 @@ def build_demo_data(
         if (out / spec.name).exists() and not _owned_by_demo(out / spec.name):
             raise DatasetError(out / spec.name, "exists and was not built by r2m demo-data; remove it or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(spec, out, size, seed, image_size, strength) for spec in datasets]
+    jobs = [(spec, out, unseen_size if FAMILIES[spec.family].role == "unseen" else size, seed, image_size, strength,
+             split_fractions) for spec in datasets]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), desc="demo-data", unit="dataset", disable=not progress)
@@ -177,4 +217,4 @@ def build_demo_data(
     return [out / spec.name for spec in datasets]
 
 
-__all__ = ["DATASETS", "MANIFEST_NAME", "DatasetSpec", "build_dataset", "build_demo_data"]
+__all__ = ["DATASETS", "DEFAULT_SPLIT_FRACTIONS", "MANIFEST_NAME", "DatasetSpec", "build_dataset", "build_demo_data", "split_counts"]
