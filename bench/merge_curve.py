@@ -24,11 +24,11 @@ import torch
 from r2m.checkpoint import read_meta
 from r2m.config import load_params
 from r2m.data import discover_datasets, validate_dataset
-from r2m.evaluation.gate import check_gate
-from r2m.evaluation.protocol import summarize
-from r2m.evaluation.scoring import evaluate_models
+from r2m.evaluation.judge import judge
+from r2m.evaluation.protocol import Roles
 from r2m.merging.files import merge_files
 from r2m.models import ensure_pretrained
+from r2m.names import specialist_name
 from r2m.pipeline.candidate import merge_methods
 from r2m.pipeline.specialists import registered_specialists
 from r2m.tracking import mlflow_store
@@ -63,17 +63,19 @@ def main() -> None:
             other = "uncentered" if chosen.get("core") == "centered" else "centered"
             merged["r2m-" + other] = folder / f"r2m-{other}.safetensors"
             merge_files("r2m", theta0, [s.path for s in first], merged["r2m-" + other], {**chosen, "core": other})
-        models = {f"specialist-{s.generator}": s.path for s in first} | merged
-        evaluation = evaluate_models(models, [*seen, *unseen], params, progress=False, score_cache=cache)
-        for method, path in merged.items():
-            summary = summarize(evaluation, method, specialists=[f"specialist-{s.generator}" for s in first])
-            gate = check_gate(summary, params.gate)
+        names = [specialist_name(s.generator) for s in first]
+        models = dict(zip(names, (s.path for s in first))) | merged
+        for method, path in merged.items():  # each method judged on its own, as the loop judges R²M
+            verdict = judge(models, [*seen, *unseen], params, Roles(method, tuple(names)), progress=False,
+                            score_cache=cache)
+            summary, gate = verdict.summary, verdict.gate
             meta = read_meta(path)
             diag = meta.get("diagnostics") or {}
             rows.append({
                 "n": n, "method": method, "added": first[-1].generator, "hparams": meta.get("hparams"),
-                "drop_max": max(summary.drop.values()) if summary.drop else None,
-                "gain_macro": summary.gain_macro, "gate_passed": gate.passed, "gate_reason": gate.reason,
+                "drop_max": summary.drop_max, "drop_max_ci": summary.interval("drop_max"),
+                "gain_macro": summary.gain_macro, "gain_macro_ci": summary.interval("gain_macro"),
+                "gate_passed": gate.passed, "gate_reason": gate.reason,
                 "core_ratio": diag.get("core_ratio"), "cos_v_tau_bar": diag.get("cos_v_tau_bar"),
                 "eta": diag.get("eta"),
             })
@@ -88,14 +90,23 @@ def main() -> None:
         cells = []
         for m in methods:
             r = next((r for r in rows if r["n"] == n and r["method"] == m), None)
-            cells.append("" if r is None else f"{r['drop_max']:.3f} / {r['gain_macro']:+.3f}{' ✓' if r['gate_passed'] else ''}")
+            cells.append("" if r is None else _cell(r))
         lines.append(f"| {n} | {specialists[n - 1].generator} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n\ncell: DROP_max / macro GAIN; ✓ = passes the gate's DROP, GAIN and AUC rules (no champion)\n"
+    table = "\n".join(lines) + ("\n\ncell: DROP_max [95 % interval] / macro GAIN [95 % interval]; ✓ = passes the "
+                                 "gate's DROP, GAIN and AUC rules (no champion)\n")
     (args.out / "curve.md").write_text(table)
     _plot(rows, methods, args.out / "curve.png")
     print(table, f"\n{time.perf_counter() - started:.0f} s")
     if not args.no_mlflow:
         _log(params, client, args.out, rows)
+
+
+def _cell(r: dict) -> str:
+    def ci(v) -> str:
+        return f" [{v[0]:.3f}, {v[1]:.3f}]" if v else ""
+
+    return (f"{r['drop_max']:.3f}{ci(r['drop_max_ci'])} / {r['gain_macro']:+.3f}{ci(r['gain_macro_ci'])}"
+            + (" ✓" if r["gate_passed"] else ""))
 
 
 def _plot(rows: list[dict], methods: list[str], path: Path) -> None:
@@ -106,9 +117,12 @@ def _plot(rows: list[dict], methods: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for m in methods:
-        pts = [(r["n"], r["drop_max"], r["gain_macro"]) for r in rows if r["method"] == m]
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=m)
+        pts = [r for r in rows if r["method"] == m]
+        for ax, key in ((axes[0], "drop_max"), (axes[1], "gain_macro")):
+            ys = [r[key] for r in pts]
+            err = [[y - (r[key + "_ci"] or (y, y))[0] for y, r in zip(ys, pts)],
+                   [(r[key + "_ci"] or (y, y))[1] - y for y, r in zip(ys, pts)]]
+            ax.errorbar([r["n"] for r in pts], ys, yerr=err, marker="o", capsize=2, label=m)
     axes[0].set(xlabel="N specialists merged", ylabel="DROP_max (seen, lower is better)")
     axes[1].set(xlabel="N specialists merged", ylabel="macro GAIN (unseen, higher is better)")
     axes[0].legend(fontsize=8)

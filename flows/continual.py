@@ -35,7 +35,6 @@ Serve on a schedule:        python -m flows.serve
 from __future__ import annotations
 
 import json
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from r2m.checkpoint import file_sha256
 from r2m.config import Params, load_params
 from r2m.data import GeneratorDataset
 from r2m.errors import DatasetError, R2MError
+from r2m.evaluation import reporting
 from r2m.models import ensure_pretrained
 from r2m.pipeline.lock import project_lock
 from r2m.pipeline.loop import LoopSteps, clean_leftovers, onboarded_check, plain_steps, run_steps
@@ -304,12 +304,6 @@ def mlflow_model_url(params: Params, model: str, version: str) -> str:
     return f"{mlflow_base_url(params)}/#/models/{model}/versions/{version}"
 
 
-def gate_report_of(client, run_id: str) -> dict:
-    """The gate report JSON logged with the candidate's merge run (every rule and number)."""
-    with tempfile.TemporaryDirectory(prefix="r2m-gate-") as tmp:
-        return json.loads(Path(client.download_artifacts(run_id, "gate_report.json", tmp)).read_text())
-
-
 def scan_table(found: pipeline.Scan) -> list[dict]:
     new = {d.name for d in found.to_onboard}
     rows = [{"dataset": d.name, "role": d.role, "family": d.family, "domain": d.domain,
@@ -329,7 +323,9 @@ def specialist_table(params: Params, specialists: Sequence[pipeline.Specialist])
             for s in specialists]
 
 
-def gate_markdown(params: Params, report: pipeline.LoopReport, gate: dict, run_url: str) -> str:
+def gate_markdown(params: Params, report: pipeline.LoopReport, run_url: str) -> str:
+    """The run's gate report: the verdict the candidate holds (`Candidate.report`), rendered by
+    `r2m.evaluation.reporting` like everywhere else, with MLflow links and the earlier steps."""
     c = report.candidate
     verdict = "PASSED" if c.gate_passed else "FAILED"
     lines = [
@@ -348,12 +344,8 @@ def gate_markdown(params: Params, report: pipeline.LoopReport, gate: dict, run_u
                      f"ONNX sha256 `{report.release.onnx_sha256[:16]}`")
     elif not c.gate_passed:
         lines.append("- not released: the candidate stays a failed challenger; the champion is unchanged")
-    lines += ["", "| rule | value | threshold | passed | worst task |", "|---|---|---|---|---|"]
-    for rule in gate.get("rules", []):
-        lines.append(f"| {rule['name']} | {rule['value']:.4f} | {rule['comparison']} {rule['threshold']:g} "
-                     f"| {'yes' if rule['passed'] else 'NO'} | {rule.get('worst_task') or ''} |")
-    for skipped in gate.get("skipped", []):
-        lines.append(f"| {skipped} | | | skipped | |")
+    if c.report:
+        lines += ["", reporting.gate_markdown(c.report)]
     if report.steps:
         lines += ["", "Earlier steps of this run (one per onboarded generator, in order):", "",
                   "| detector version | verdict |", "|---|---|"]
@@ -375,12 +367,13 @@ def publish_reports(params: Params, report: pipeline.LoopReport) -> None:
                                  key="r2m-gate-report", description="Gate report")
         return
     client = mlflow_store.client(params)
-    gate = gate_report_of(client, report.candidate.run_id)
     run_url = mlflow_run_url(params, client, report.candidate.run_id)
-    create_markdown_artifact(gate_markdown(params, report, gate, run_url), key="r2m-gate-report",
+    create_markdown_artifact(gate_markdown(params, report, run_url), key="r2m-gate-report",
                              description=f"Gate report of r2m-detector v{report.candidate.version}")
+    rules = reporting.gate_table(report.candidate.report)
     create_table_artifact(
-        [{"rule": r["name"], "value": round(r["value"], 4), "threshold": f"{r['comparison']} {r['threshold']:g}",
-          "passed": r["passed"], "worst_task": r.get("worst_task") or ""} for r in gate.get("rules", [])],
+        [{"rule": rule, **{column: (round(v, 4) if isinstance(v, float) else v) for column, v in zip(rules.columns, values)},
+          "interval": None if bounds[0] is None else [round(b, 4) for b in bounds[0]]}
+         for rule, values, bounds in zip(rules.rows, rules.values, rules.intervals)],
         key="r2m-gate-rules", description=f"Gate rules of r2m-detector v{report.candidate.version} ({run_url})",
     )

@@ -82,8 +82,9 @@ def test_repro_twice_then_a_new_generator_retrains_only_its_stage(project):
 
     metrics = json.loads(dvc(project, "metrics", "show", "--json"))
     shown = next(iter(metrics.values()))["data"]["reports/dvc/metrics.json"]["data"]
-    assert set(shown["auc"]) == {"sq-ff", "ck-ff", "sq-un"}
+    assert {k for k in shown if k.startswith("auc/") and "/ci_" not in k} == {"auc/sq-ff", "auc/ck-ff", "auc/sq-un"}
     assert 0.0 <= shown["auc_seen_mean"] <= 1.0 and shown["drop_max"] is not None
+    assert shown["drop_max/ci_low"] <= shown["drop_max"] <= shown["drop_max/ci_high"]
     assert isinstance(shown["gate_passed"], bool)
     plots = json.loads(dvc(project, "plots", "show", "--json"))["data"]
     assert {"reports/dvc/roc/sq-ff.csv", "reports/dvc/roc/sq-un.csv",

@@ -12,13 +12,12 @@ from safetensors.torch import load_file
 from r2m.checkpoint import save_checkpoint
 from r2m.config import GateConfig, load_params
 from r2m.errors import RegistryError
-from r2m.evaluation import protocol
-from r2m.evaluation.gate import check_gate
+from r2m.evaluation.judge import judge_evaluation
 from r2m.evaluation.metrics import task_metrics
-from r2m.evaluation.protocol import Evaluation, ModelInfo, Task
+from r2m.evaluation.plots import pareto_front
+from r2m.evaluation.protocol import Evaluation, ModelInfo, Roles, Task
 from r2m.tracking import mlflow_store, registry
-from r2m.tracking.plots import pareto_front
-from r2m.tracking.runs import log_merge_run, log_specialist_run
+from r2m.tracking.runs import log_specialist_run, log_verdict
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,8 @@ SEPARATION = {
 
 def _evaluation() -> Evaluation:
     rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1], 40)
+    labels = np.tile([0, 1], 40)
+    groups = [f"src{i // 4}" for i in range(labels.size)]  # four images (two real, two fake) per source
     metrics, scores = {}, {}
     for model, per in SEPARATION.items():
         metrics[model], scores[model] = {}, {}
@@ -62,7 +62,7 @@ def _evaluation() -> Evaluation:
     models = {m: ModelInfo(m, "specialist" if m.startswith("specialist") else "merged",
                            m.removeprefix("specialist-") if m.startswith("specialist") else None)
               for m in SEPARATION}
-    return Evaluation(TASKS, models, metrics, scores)
+    return Evaluation(TASKS, models, metrics, scores, {t.name: groups for t in TASKS})
 
 
 def _artifacts(c: MlflowClient, run_id: str, path: str = "") -> set[str]:
@@ -84,11 +84,11 @@ def test_store_is_sqlite_with_artifacts_at_the_project_root(store):
 def test_merge_run_logs_metrics_tables_plots_and_children(store, tmp_path):
     params, c = store
     evaluation = _evaluation()
-    summary = protocol.summarize(evaluation, "r2m")
-    report = check_gate(summary, GateConfig(max_drop=0.5, min_gain_macro=-0.5, min_auc=0.5))
+    verdict = judge_evaluation(evaluation, Roles("r2m", ("specialist-fs-ff", "specialist-fr-ff"), compared=("wa",)),
+                               GateConfig(max_drop=0.5, min_gain_macro=-0.5, min_auc=0.5, interval_resamples=200))
+    summary = verdict.summary
     ckpt = _checkpoint(tmp_path, "r2m", {"kind": "merged", "method": "r2m"})
-    run_id = log_merge_run(params, evaluation, summary, gate_report=report, checkpoint=ckpt,
-                           methods=["r2m", "wa"], merge_params={"alpha": 0.5, "rank": 0.7})
+    run_id = log_verdict(params, verdict, checkpoint=ckpt, merge_params={"alpha": 0.5, "rank": 0.7})
     run = c.get_run(run_id)
     m = run.data.metrics
     assert m["auc/fs-ff"] == pytest.approx(evaluation.metrics["r2m"]["fs-ff"].auc)
@@ -96,13 +96,17 @@ def test_merge_run_logs_metrics_tables_plots_and_children(store, tmp_path):
     assert m["gain/gan"] == pytest.approx(summary.gain["gan"])
     assert m["drop_max"] == pytest.approx(summary.drop_max)
     assert m["gain_macro"] == pytest.approx(summary.gain_macro)
-    assert m["gate/passed"] == 1.0
+    # every number carries its 95 % interval
+    assert (m["drop_max/ci_low"], m["drop_max/ci_high"]) == pytest.approx(summary.interval("drop_max"))
+    assert m["auc/fs-ff/ci_low"] <= m["auc/fs-ff"] <= m["auc/fs-ff/ci_high"]
+    assert m["gate/passed"] == 1.0 and "gate/max_drop/within_noise" in m
     assert run.data.params["merge.alpha"] == "0.5"
     assert run.data.tags["gate"] == "passed" and run.info.status == "FINISHED"
 
     files = _artifacts(c, run_id)
     for expected in ["tables/seen_auc.md", "tables/unseen_auc.csv", "tables/drop.json", "tables/gain.md",
-                     "tables/specialist_auc.md", "tables/tables.md", "gate_report.json", "summary.json", "metrics.json",
+                     "tables/specialist_auc.md", "tables/tables.md", "tables/gate.md", "gate_report.json",
+                     "summaries.json", "intervals.json", "metrics.json", "report.md",
                      "plots/drop_heatmap.png", "plots/gain_heatmap.png", "plots/drop_gain_pareto.png",
                      "plots/specialist_auc_heatmap.png", "plots/roc_r2m.png", "plots/roc_task_gan.png",
                      "checkpoint/r2m.safetensors", "checkpoint/r2m.safetensors.json"]:
@@ -115,7 +119,8 @@ def test_merge_run_logs_metrics_tables_plots_and_children(store, tmp_path):
 
     children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert [r.data.tags["candidate"] for r in children] == ["wa"]
-    assert children[0].data.metrics["drop_max"] == pytest.approx(protocol.summarize(evaluation, "wa").drop_max)
+    assert children[0].data.metrics["drop_max"] == pytest.approx(verdict.summaries["wa"].drop_max)
+    assert children[0].data.metrics["drop_max/ci_low"] == pytest.approx(verdict.summaries["wa"].interval("drop_max")[0])
 
 
 def test_pareto_front_keeps_only_undominated_methods():

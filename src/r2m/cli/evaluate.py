@@ -1,4 +1,5 @@
-"""`r2m evaluate` and `r2m gate`: protocol tables, DROP/GAIN and the gate (issue 5)."""
+"""`r2m evaluate` and `r2m gate`: the loop's judgement of a candidate (`r2m.evaluation.judge`) and its
+report (`r2m.evaluation.reporting`): AUC tables, DROP/GAIN and regression with 95 % intervals, the gate."""
 
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ PARAMS = typer.Option(None, "--params", help="params.yaml to read (default: the 
 
 
 def _run(model, datasets, specialists, baselines, champion, json_out, log, params_file, gate: bool) -> bool:
-    """Score, print the tables, optionally apply the gate; returns the verdict (True without gate)."""
+    """Judge (the loop's own path), print the report; returns the verdict (True without --gate)."""
     from r2m.config import load_params
     from r2m.data import validate_dataset
     from r2m.errors import EvaluationError
-    from r2m.evaluation import protocol
-    from r2m.evaluation.gate import check_gate
-    from r2m.evaluation.scoring import default_model_name, evaluate_models
+    from r2m.evaluation import reporting
+    from r2m.evaluation.judge import judge
+    from r2m.evaluation.protocol import Roles
+    from r2m.evaluation.scoring import default_model_name
 
     params = load_params(params_file)
     data_root = params.path("data_root").resolve()
@@ -56,42 +58,24 @@ def _run(model, datasets, specialists, baselines, champion, json_out, log, param
     specialist_names = [add(p, "specialist") for p in specialists or []]
     # a specialist passed as --model/--baseline is scored as a model, never as a DROP reference
     candidate = add(model, "candidate")
-    methods = [candidate, *(add(p, "baseline") for p in baselines or [])]
+    compared = [add(p, "baseline") for p in baselines or []]
     champion_name = add(champion, "champion") if champion else None
-    evaluation = evaluate_models(models, loaded, params, kinds=kinds)
-
-    tables = [protocol.metrics_table(evaluation, candidate), protocol.seen_auc_table(evaluation)]
-    if evaluation.unseen:
-        tables.append(protocol.unseen_auc_table(evaluation))
-    summary = protocol.summarize(evaluation, candidate, specialists=specialist_names, champion=champion_name)
-    if specialist_names:
-        tables.append(protocol.drop_table(evaluation, methods))
-        if evaluation.unseen:
-            tables.append(protocol.gain_table(evaluation, methods))
-    if champion_name:
-        tables.append(protocol.regression_table(summary))
-    for table in tables:
-        typer.echo(table.to_markdown())
-    report = check_gate(summary, params.gate) if gate else None
-    if report is not None:
-        for rule in report.rules:
-            typer.echo(f"  [{'ok' if rule.passed else 'FAIL'}] {rule.describe()}")
-        for skipped in report.skipped:
-            typer.echo(f"  [skip] {skipped}")
-        typer.echo(report.reason)
+    roles = Roles(candidate, tuple(specialist_names), champion_name, tuple(compared))
+    verdict = judge(models, loaded, params, roles, kinds=kinds)
+    typer.echo(reporting.render(verdict, gate=gate))
     if json_out:
-        from r2m.tracking.runs import evaluation_dict
-
-        doc = {"evaluation": evaluation_dict(evaluation), "summary": summary.as_dict(),
-               "gate": report.as_dict() if report else None}
+        doc = {"evaluation": reporting.evaluation_dict(verdict.evaluation),
+               "summary": verdict.summary.as_dict(),
+               "summaries": {m: s.as_dict() for m, s in verdict.summaries.items()},
+               "intervals": reporting.intervals_dict(verdict),
+               "gate": verdict.gate.as_dict() if gate else None}
         Path(json_out).write_text(json.dumps(doc, indent=2))
     if log:
-        from r2m.tracking.runs import log_merge_run
+        from r2m.tracking.runs import log_verdict
 
-        run_id = log_merge_run(params, evaluation, summary, gate_report=report, methods=methods,
-                               run_name=f"evaluate-{candidate}")
+        run_id = log_verdict(params, verdict, run_name=f"evaluate-{candidate}")
         typer.echo(f"logged MLflow run {run_id} ({params.tracking_uri})")
-    return report.passed if report else True
+    return verdict.passed if gate else True
 
 
 @command("evaluate")

@@ -1,4 +1,9 @@
-"""Tables people read: one small `Table` type rendered as markdown, CSV or JSON."""
+"""Tables people read: one small `Table` type rendered as markdown, CSV or JSON.
+
+A cell may carry its 95 % interval (`intervals[r][c] = (low, high)`): markdown shows
+`0.912 [0.884, 0.937]`, CSV adds `<column> low` / `<column> high` columns, JSON an `intervals`
+matrix.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from r2m.fileio import atomic_write_text
+
 Number = float | int | str | None
+Bounds = tuple[float, float] | None
 
 
 def _cell(value: Number, digits: int) -> str:
@@ -33,9 +41,22 @@ class Table:
     values: Sequence[Sequence[Number]]
     notes: str = ""
     digits: int = 3
+    intervals: Sequence[Sequence[Bounds]] | None = None
 
     def cell(self, row: str, column: str) -> Number:
         return self.values[list(self.rows).index(row)][list(self.columns).index(column)]
+
+    def interval(self, row: str, column: str) -> Bounds:
+        if self.intervals is None:
+            return None
+        return self.intervals[list(self.rows).index(row)][list(self.columns).index(column)]
+
+    def _shown(self, r: int, c: int) -> str:
+        text = _cell(self.values[r][c], self.digits)
+        bounds = self.intervals[r][c] if self.intervals is not None else None
+        if bounds is not None and text != "–":
+            text += f" [{bounds[0]:.{self.digits}f}, {bounds[1]:.{self.digits}f}]"
+        return text
 
     def to_markdown(self) -> str:
         head = [self.row_header, *self.columns]
@@ -45,8 +66,8 @@ class Table:
             "| " + " | ".join(head) + " |",
             "|" + "|".join([":---"] + ["---:"] * len(self.columns)) + "|",
         ]
-        for row, vals in zip(self.rows, self.values):
-            lines.append("| " + " | ".join([row, *(_cell(v, self.digits) for v in vals)]) + " |")
+        for r, row in enumerate(self.rows):
+            lines.append("| " + " | ".join([row, *(self._shown(r, c) for c in range(len(self.columns)))]) + " |")
         if self.notes:
             lines += ["", self.notes]
         return "\n".join(lines) + "\n"
@@ -54,9 +75,17 @@ class Table:
     def to_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow([self.row_header, *self.columns])
-        for row, vals in zip(self.rows, self.values):
-            writer.writerow([row, *("" if v is None else v for v in vals)])
+        if self.intervals is None:
+            writer.writerow([self.row_header, *self.columns])
+            for row, vals in zip(self.rows, self.values):
+                writer.writerow([row, *("" if v is None else v for v in vals)])
+            return buf.getvalue()
+        writer.writerow([self.row_header, *(f"{c}{part}" for c in self.columns for part in ("", " low", " high"))])
+        for row, vals, bounds in zip(self.rows, self.values, self.intervals):
+            cells = []
+            for v, b in zip(vals, bounds):
+                cells += ["" if v is None else v, *(("", "") if b is None else b)]
+            writer.writerow([row, *cells])
         return buf.getvalue()
 
     def to_dict(self) -> dict:
@@ -66,6 +95,8 @@ class Table:
             "rows": list(self.rows),
             "columns": list(self.columns),
             "values": [list(v) for v in self.values],
+            "intervals": None if self.intervals is None else [[None if b is None else list(b) for b in row]
+                                                              for row in self.intervals],
             "notes": self.notes,
         }
 
@@ -79,7 +110,7 @@ class Table:
             (".json", json.dumps(self.to_dict(), indent=2)),
         ):
             path = folder / f"{self.name}{suffix}"
-            path.write_text(text)
+            atomic_write_text(path, text, fsync=False)
             out.append(path)
         return out
 
@@ -94,5 +125,5 @@ def write_tables(tables: Sequence[Table], folder: Path) -> list[Path]:
     """Every table in every format, plus `tables.md` holding all of them in order."""
     paths = [p for t in tables for p in t.write(folder)]
     combined = folder / "tables.md"
-    combined.write_text("\n".join(t.to_markdown() for t in tables))
+    atomic_write_text(combined, "\n".join(t.to_markdown() for t in tables), fsync=False)
     return [*paths, combined]

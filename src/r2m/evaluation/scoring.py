@@ -23,6 +23,7 @@ from r2m.checkpoint import file_sha256, read_meta
 from r2m.config import Params
 from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import CheckpointError, EvaluationError
+from r2m.fileio import atomic_write_json
 from r2m.evaluation.metrics import task_metrics
 from r2m.evaluation.protocol import Evaluation, ModelInfo, Task
 from r2m.models.detector import Detector, image_size, load_detector, pick_device, sidecar_model_name
@@ -162,13 +163,11 @@ def evaluate_models(
                 labels, groups = task.labels, task.groups
                 scores = score_batches(detector, task.batches(), device)
                 if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cached.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"checkpoint": str(path), "dataset": dataset.name,
-                                               "scores": scores.tolist()}))
-                    tmp.replace(cached)
+                    atomic_write_json(cached, {"checkpoint": params.relative(path), "dataset": dataset.name,
+                                               "scores": scores.tolist()}, indent=None, fsync=False)
             evaluation.metrics[name][dataset.name] = task_metrics(dataset.name, labels, scores, groups)
             evaluation.scores[name][dataset.name] = (labels.tolist(), scores.tolist())
+            evaluation.groups.setdefault(dataset.name, [str(g) for g in groups])
             bar.update(1)
         del detector
     bar.close()

@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from r2m.checkpoint import read_meta
 from r2m.config import Params
 from r2m.data import GeneratorDataset
-from r2m.evaluation.gate import GateReport, check_gate
-from r2m.evaluation.protocol import summarize
-from r2m.evaluation.scoring import evaluate_models
+from r2m.evaluation.judge import judge
+from r2m.evaluation.protocol import Roles
 from r2m.evaluation.validation import ValidationScorer
 from r2m.merging import select
 from r2m.merging.files import merge_files
+from r2m.merging.registry import plan
+from r2m.names import specialist_name
 from r2m.pipeline.specialists import Specialist
 from r2m.tracking import registry, runs
 from r2m.tracking.artifacts import ARTIFACT_URI_TAG, checkpoint_uri, resolve_checkpoint
@@ -52,6 +53,7 @@ class Candidate:
     gate_reason: str
     run_id: str
     reused: bool = False
+    report: dict = field(default_factory=dict)  # the gate report (GateReport.as_dict): what the flow renders
 
 
 def candidate_key(specialists: Sequence[Specialist], params: Params) -> str:
@@ -72,13 +74,15 @@ def find_candidate(client, tag: str, value: str):
     return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def _from_version(mv, reused: bool, params: Params, client) -> Candidate:
+def _from_version(mv, reused: bool, params: Params, client, report: dict | None = None) -> Candidate:
     tags = mv.tags
+    if report is None:  # found again: the verdict it was given, as logged with its run
+        report = runs.logged_gate_report(client, mv.run_id) if mv.run_id else {}
     return Candidate(
         key=tags.get(CANDIDATE_KEY, ""), version=str(mv.version), method=tags.get("method", ""),
         hparams=json.loads(tags.get("hparams", "{}")), path=resolve_checkpoint(params, client, mv),
         sha256=tags.get("sha256", ""), gate_passed=tags.get("gate") == "passed",
-        gate_reason=tags.get("gate_reason", ""), run_id=mv.run_id or "", reused=reused,
+        gate_reason=tags.get("gate_reason", ""), run_id=mv.run_id or "", reused=reused, report=report,
     )
 
 
@@ -90,43 +94,30 @@ def champion_checkpoint(params: Params, client) -> Path | None:
     return resolve_checkpoint(params, client, registry.get_version(client, version))
 
 
-def configured_hparams(method: str, params: Params) -> dict:
-    """The hyperparameters params.yaml fixes for `method` (R²M: α, r, core, η form)."""
-    cfg = params.merge
-    if method == "r2m":
-        return {"alpha": cfg.alpha, "rank": cfg.rank, "core": cfg.core, "eta_mode": cfg.eta}
-    return {}
-
-
-def choose_hparams(method: str, params: Params, pretrained: Path, paths: Sequence[Path],
-                   scorer: ValidationScorer) -> tuple[dict, list[dict]]:
-    """Grid search on seen validation splits (R²M: α × r × core from params.yaml; baselines: the paper's grids)."""
-    grid = None
-    if method == "r2m":
-        grid = {"alpha": params.merge.alpha_grid, "rank": params.merge.rank_grid, "core": params.merge.core_grid}
-    fixed = {k: v for k, v in configured_hparams(method, params).items() if k not in (grid or {})}
-    selection = select(method, pretrained, paths, scorer, grid=grid, fixed=fixed)
-    return selection.best_hparams, selection.table
-
-
 def merge_methods(params: Params, pretrained: Path, paths: Sequence[Path], seen: Sequence[GeneratorDataset],
                   folder: Path, *, baselines: bool = True) -> tuple[dict[str, Path], dict[str, list[dict]]]:
     """`merge.method` then (with `baselines`) every baseline of `merge.baselines`, written to
-    `folder/<method>.safetensors`; hyperparameters chosen on the seen validation splits when
-    `merge.select` (else params.yaml's). Returns the files and, per method, the selection table."""
-    methods = [params.merge.method]
+    `folder/<method>.safetensors`. With `merge.select` each method's grid (params.yaml's for the
+    candidate's method, the declared one for the baselines) is scored on the seen validation
+    splits and the best point kept (`r2m.merging.select`; the kept point is the file, not merged
+    again); else the candidate's method merges at `merge.parameters` and each baseline at its
+    declared defaults. Returns the files and, per method, the selection table."""
+    merge_plan = plan(params.merge)
+    methods = [(merge_plan.method, merge_plan.parameters, merge_plan.grid)]
     if baselines:
-        methods += [b for b in params.merge.baselines if b != params.merge.method]
+        methods += [(spec, spec.resolve({}), spec.declared_grid()) for spec in merge_plan.baselines]
     scorer = None
     merged, selection = {}, {}
-    for name in methods:
-        hparams = configured_hparams(name, params)
-        # R²M of one specialist is that specialist for every α, r, core (SPEC 5): nothing to choose
-        if params.merge.select and not (name == "r2m" and len(paths) == 1):
+    for spec, parameters, grid in methods:
+        out = folder / f"{spec.name}.safetensors"
+        if merge_plan.select and not (spec.same_for_one and len(paths) == 1):
             scorer = scorer or ValidationScorer(params, seen)
-            hparams, selection[name] = choose_hparams(name, params, pretrained, paths, scorer)
-        merged[name] = folder / f"{name}.safetensors"
-        merge_files(name, pretrained, paths, merged[name], hparams)
+            fixed = {k: v for k, v in parameters.items() if k not in grid}
+            chosen = select(spec.name, pretrained, paths, scorer, grid=grid, fixed=fixed)
+            selection[spec.name] = chosen.table
+            parameters = chosen.best_hparams
+        merge_files(spec.name, pretrained, paths, out, parameters)
+        merged[spec.name] = out
     return merged, selection
 
 
@@ -158,11 +149,12 @@ def remerge(
     # the seen tasks are those of the merged specialists: a rejected specialist's data (maybe
     # poisoned) neither chooses hyperparameters nor judges the candidate
     seen = [d for d in seen if d.name in {s.generator for s in specialists}]
-    method = params.merge.method
+    method = plan(params.merge).method.name
     merged, selection = merge_methods(params, pretrained, paths, seen, folder, baselines=baselines)
 
-    models = {f"specialist-{s.generator}": s.path for s in specialists}
-    models.update({m: path for m, path in merged.items()})
+    names = [specialist_name(s.generator) for s in specialists]
+    models = {name: s.path for name, s in zip(names, specialists)}
+    models.update(merged)
     kinds = {}
     if all_in_one is not None:
         models["all-in-one"] = all_in_one
@@ -170,22 +162,21 @@ def remerge(
     if champion is not None:
         models[CHAMPION_MODEL] = champion
         kinds[CHAMPION_MODEL] = "champion"
-    evaluation = evaluate_models(models, [*seen, *unseen], params, kinds=kinds, progress=progress,
-                                 score_cache=params.path("artifacts") / "scores")
-    summary = summarize(evaluation, method, specialists=[f"specialist-{s.generator}" for s in specialists],
-                        champion=CHAMPION_MODEL if champion is not None else None)
-    gate: GateReport = check_gate(summary, params.gate)
+    roles = Roles(method, tuple(names), CHAMPION_MODEL if champion is not None else None,
+                  compared=tuple(m for m in models if m not in names and m not in (method, CHAMPION_MODEL)))
+    verdict = judge(models, [*seen, *unseen], params, roles, kinds=kinds, progress=progress,
+                    score_cache=params.path("artifacts") / "scores")
 
     candidate_path = merged[method]
     meta = read_meta(candidate_path)
-    run_id = runs.log_merge_run(
-        params, evaluation, summary, gate_report=gate, checkpoint=candidate_path,
-        methods=[m for m in models if not m.startswith("specialist-") and m != CHAMPION_MODEL],
+    run_id = runs.log_verdict(
+        params, verdict, checkpoint=candidate_path,
         merge_params={"method": method, **(meta.get("hparams") or {}),
                       "selected_on": "seen validation" if selection else "params.yaml",
                       "baselines": {b: read_meta(p).get("hparams") for b, p in merged.items() if b != method}},
         tags={CANDIDATE_KEY: key}, mlflow_client=client,
     )
+    gate = verdict.gate
     lineage = {s.generator: {"version": s.version, "data_hash": s.data_hash} for s in specialists}
     mv = registry.register_candidate(client, run_id, gate_passed=gate.passed, gate_reason=gate.reason, meta=meta,
                                      specialists=lineage, tags={
@@ -193,4 +184,5 @@ def remerge(
                                          "hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True),
                                          CANDIDATE_KEY: key,
                                      })
-    return _from_version(client.get_model_version(registry.DETECTOR, str(mv.version)), False, params, client)
+    return _from_version(client.get_model_version(registry.DETECTOR, str(mv.version)), False, params, client,
+                         report=gate.as_dict())

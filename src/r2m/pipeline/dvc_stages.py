@@ -5,7 +5,7 @@
 loop (`r2m.pipeline`), on the files of `artifacts/dvc/` only:
 
     python -m r2m.pipeline.dvc_stages merge      R²M (α × r chosen on seen val) + the baselines
-    python -m r2m.pipeline.dvc_stages evaluate   AUC/DROP/GAIN, gate verdict -> DVC metrics + plots;
+    python -m r2m.pipeline.dvc_stages evaluate   AUC/DROP/GAIN with intervals, gate verdict -> DVC metrics + plots;
                                                  logged to MLflow (tag r2m.source=dvc) for comparison
     python -m r2m.pipeline.dvc_stages export     ONNX + parity on the seen test splits
 
@@ -25,6 +25,7 @@ from r2m.config import Params, load_params
 from r2m.data import GeneratorDataset, discover_datasets, validate_dataset
 from r2m.errors import ConfigError, DatasetError
 from r2m.models import ensure_pretrained
+from r2m.names import specialist_name
 
 CANDIDATE = "r2m"  # the evaluated candidate's model name (the merge method)
 
@@ -123,52 +124,29 @@ def write_roc_curves(evaluation, candidate: str, folder: Path) -> list[Path]:
     return out
 
 
-def metrics_doc(summary, gate_report) -> dict:
-    """The DVC metrics: the gate's numbers and verdict, per-task AUC, DROP and GAIN."""
-    seen, unseen = list(summary.seen_auc.values()), list(summary.unseen_auc.values())
-    return {
-        "gate_passed": gate_report.passed,
-        "auc_seen_mean": sum(seen) / len(seen) if seen else None,
-        "auc_unseen_mean": sum(unseen) / len(unseen) if unseen else None,
-        "drop_max": summary.drop_max,
-        "drop_mean": summary.drop_mean,
-        "gain_macro": summary.gain_macro,
-        "gain_mean": summary.gain_mean,
-        "auc": {**summary.seen_auc, **summary.unseen_auc},
-        "drop": summary.drop,
-        "gain": summary.gain,
-    }
-
-
 def evaluate(params: Params) -> dict:
-    """Score the merges and the specialists on the seen test splits and the unseen sets; write
-    `reports/dvc/metrics.json`, ROC CSVs and the paper's figures; log an MLflow merge run."""
-    from r2m.evaluation.gate import check_gate
-    from r2m.evaluation.protocol import summarize
-    from r2m.evaluation.report import write_tables
-    from r2m.evaluation.scoring import evaluate_models
+    """Judge the merges against the specialists on the seen test splits and the unseen sets
+    (`r2m.evaluation.judge`, the loop's own path); write the report (`reports/dvc/`: tables,
+    plots, gate report) and `metrics.json` for `dvc metrics show`, ROC CSVs for `dvc plots`;
+    log an MLflow merge run (tag r2m.source=dvc) for comparison."""
+    from r2m.evaluation import reporting
+    from r2m.evaluation.judge import judge
+    from r2m.evaluation.protocol import Roles
     from r2m.tracking import runs
 
     compared = methods(params)
-    models = {f"specialist-{g}": specialist_path(params, g) for g in params.generators}
+    names = [specialist_name(g) for g in params.generators]
+    models = {name: specialist_path(params, g) for name, g in zip(names, params.generators)}
     models.update({m: merged_path(params, m) for m in compared})
-    evaluation = evaluate_models(models, [*seen_datasets(params), *unseen_datasets(params)], params)
     candidate = params.merge.method
-    summary = summarize(evaluation, candidate, specialists=[f"specialist-{g}" for g in params.generators])
-    gate_report = check_gate(summary, params.gate)
-
+    verdict = judge(models, [*seen_datasets(params), *unseen_datasets(params)], params,
+                    Roles(candidate, tuple(names), compared=tuple(compared[1:])))
     out = reports_dir(params)
-    tables = runs.evaluation_tables(evaluation, compared, candidate)
-    write_tables(tables, out / "tables")
-    runs.evaluation_plots(evaluation, tables, compared, candidate, out / "plots")
-    write_roc_curves(evaluation, candidate, out / "roc")
-    (out / "gate_report.json").write_text(json.dumps(gate_report.as_dict(), indent=2))
-    doc = metrics_doc(summary, gate_report)
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2))
-    runs.log_merge_run(params, evaluation, summary, gate_report=gate_report,
-                       checkpoint=merged_path(params, candidate), methods=compared,
-                       run_name=f"dvc-{candidate}", tags={"r2m.source": "dvc"})
-    return doc
+    reporting.write(verdict, out)  # metrics.json, gate_report.json, tables/, plots/, report.md
+    write_roc_curves(verdict.evaluation, candidate, out / "roc")
+    runs.log_verdict(params, verdict, checkpoint=merged_path(params, candidate), run_name=f"dvc-{candidate}",
+                     tags={"r2m.source": "dvc"})
+    return {"gate_passed": verdict.passed, "reason": verdict.gate.reason}
 
 
 def export(params: Params) -> Path:

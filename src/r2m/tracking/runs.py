@@ -1,9 +1,13 @@
-"""MLflow runs: one per specialist training, one per merge + evaluation + gate (SPEC section 7).
+"""MLflow runs: one per specialist training, one per judged candidate (merge + evaluation +
+gate). This module only logs: what a report holds is made by `r2m.evaluation.reporting`.
 
 Metric names a person can filter on: `auc/<task>`, `eer/<task>`, `ap/<task>`,
-`video_auc/<task>`, `drop/<task>`, `gain/<set>`, `regression/<task>`, `drop_max`, `drop_mean`,
-`gain_mean`, `gain_macro`, `gate/passed`. Tables (markdown/CSV/JSON) under `tables/`, plots
-under `plots/`, the checkpoint (safetensors + sidecar JSON, never a pickle) under `checkpoint/`.
+`video_auc/<task>`, `drop/<task>`, `gain/<set>`, `regression/<task>` (AUC lost against the
+champion), `unseen_regression/<set>`, `drop_max`, `drop_mean`, `gain_mean`, `gain_macro`,
+`regression_max`, `regression_unseen_macro`, each with `<name>/ci_low` and `<name>/ci_high`
+(the 95 % interval), and `gate/passed`, `gate/<rule>`, `gate/<rule>/within_noise`. Tables
+(markdown/CSV/JSON) under `tables/`, plots under `plots/`, `report.md`, the checkpoint
+(safetensors + sidecar JSON, never a pickle) under `checkpoint/`.
 """
 
 from __future__ import annotations
@@ -14,15 +18,11 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from r2m.checkpoint import read_meta, sidecar_path
 from r2m.config import Params
-from r2m.evaluation import protocol
-from r2m.evaluation.gate import GateReport
-from r2m.evaluation.protocol import Evaluation, ProtocolSummary
-from r2m.evaluation.report import Table, write_tables
-from r2m.tracking import plots
+from r2m.names import specialist_name
 from r2m.tracking.mlflow_store import EXPERIMENT_MERGES, EXPERIMENT_SPECIALISTS, client, experiment_id
 from r2m.tracking.registry import CHECKPOINT_ARTIFACTS, tag_value
 
@@ -65,14 +65,6 @@ def _log_params(c, run_id: str, values: Mapping[str, str]) -> None:
         c.log_batch(run_id, params=items[i:i + 90])
 
 
-def _project_relative(params: Params, path: Path | str) -> str:
-    """`path` relative to the project root when it lies inside it (runs stay valid when the project moves)."""
-    try:
-        return str(Path(path).resolve().relative_to(params.root.resolve()))
-    except ValueError:
-        return str(path)
-
-
 def log_checkpoint(c, run_id: str, path: Path | str, artifact_path: str = CHECKPOINT_ARTIFACTS) -> None:
     """The safetensors file and its JSON sidecar as run artifacts."""
     path = Path(path)
@@ -106,9 +98,9 @@ def log_specialist_run(
         "sha256": tag_value(meta.get("sha256", "")),
     }
     if dataset is not None:
-        tags.update(family=dataset.family, domain=dataset.domain, dataset_root=_project_relative(params, dataset.root))
+        tags.update(family=dataset.family, domain=dataset.domain, dataset_root=params.relative(dataset.root))
     run = c.create_run(experiment_id(params, EXPERIMENT_SPECIALISTS, c),
-                       run_name=f"specialist-{generator}", tags=tags)
+                       run_name=specialist_name(generator), tags=tags)
     run_id = run.info.run_id
     try:
         _log_params(c, run_id, {"generator": generator, **_flatten("recipe", meta.get("recipe", {}))})
@@ -128,145 +120,38 @@ def log_specialist_run(
 # ------------------------------------------------------------------------ merge/eval runs
 
 
-def candidate_metrics(evaluation: Evaluation, summary: ProtocolSummary) -> dict[str, float | None]:
-    """The candidate's per-task metrics and its DROP/GAIN/regression numbers."""
-    out: dict[str, float | None] = {}
-    for task, tm in evaluation.metrics.get(summary.candidate, {}).items():
-        out[f"auc/{task}"] = tm.auc
-        out[f"eer/{task}"] = tm.eer
-        out[f"ap/{task}"] = tm.ap
-        out[f"video_auc/{task}"] = tm.video_auc
-    out.update({f"drop/{t}": v for t, v in summary.drop.items()})
-    out.update({f"gain/{t}": v for t, v in summary.gain.items()})
-    out.update({f"regression/{t}": v for t, v in summary.regression.items()})
-    seen, unseen = list(summary.seen_auc.values()), list(summary.unseen_auc.values())
-    out.update(
-        drop_max=summary.drop_max,
-        drop_mean=summary.drop_mean,
-        gain_mean=summary.gain_mean,
-        gain_macro=summary.gain_macro,
-        auc_seen_mean=sum(seen) / len(seen) if seen else None,
-        auc_unseen_mean=sum(unseen) / len(unseen) if unseen else None,
-    )
-    return out
+def logged_gate_report(c, run_id: str) -> dict:
+    """The gate report a merge run logged (`gate_report.json`), {} when it has none."""
+    with tempfile.TemporaryDirectory(prefix="r2m-gate-") as tmp:
+        try:
+            return json.loads(Path(c.download_artifacts(run_id, "gate_report.json", tmp)).read_text())
+        except Exception:  # an old run, or its artifacts are gone: the registry's tags still say the verdict
+            return {}
 
 
-def gate_metrics(report: GateReport) -> dict[str, float]:
-    out = {"gate/passed": 1.0 if report.passed else 0.0}
-    for rule in report.rules:
-        out[f"gate/{rule.name}"] = rule.value
-        out[f"gate/{rule.name}/passed"] = 1.0 if rule.passed else 0.0
-    return out
-
-
-def evaluation_tables(evaluation: Evaluation, methods: Sequence[str], candidate: str) -> list[Table]:
-    """The paper's tables for this evaluation: seen / unseen AUC (Tables 1-2), DROP and GAIN
-    per method (Tables A.2-A.3), specialists × tasks, and the candidate's full metrics."""
-    rows = [*evaluation.of_kind("specialist"), *[m for m in evaluation.metrics
-                                                   if m not in evaluation.of_kind("specialist")]]
-    tables = [protocol.seen_auc_table(evaluation, rows)]
-    if evaluation.unseen:
-        tables.append(protocol.unseen_auc_table(evaluation, rows))
-    if evaluation.of_kind("specialist"):
-        tables.append(protocol.specialist_matrix_table(evaluation))
-        if methods:
-            tables.append(protocol.drop_table(evaluation, methods))
-            if evaluation.unseen:
-                tables.append(protocol.gain_table(evaluation, methods))
-    tables.append(protocol.metrics_table(evaluation, candidate))
-    return tables
-
-
-def evaluation_plots(evaluation: Evaluation, tables: Sequence[Table], methods: Sequence[str],
-                     candidate: str, folder: Path) -> list[Path]:
-    """ROC curves (the candidate on every task; every model on each task), the DROP and GAIN
-    heatmaps (Fig. 4), the Pareto plot (Fig. 5), the specialists × tasks heatmap."""
-    by_name = {t.name: t for t in tables}
-    out: list[Path] = []
-    cand_scores = evaluation.scores.get(candidate, {})
-    if cand_scores:
-        out.append(plots.roc_plot(cand_scores, f"ROC: {candidate}", folder / f"roc_{candidate}.png"))
-    for task in evaluation.tasks:
-        curves = {m: s[task.name] for m, s in evaluation.scores.items() if task.name in s}
-        if curves:
-            out.append(plots.roc_plot(curves, f"ROC on {task.name} ({task.role})",
-                                      folder / f"roc_task_{task.name}.png"))
-    if "drop" in by_name:
-        out.append(plots.drop_heatmap(by_name["drop"], folder / "drop_heatmap.png"))
-    if "gain" in by_name:
-        out.append(plots.gain_heatmap(by_name["gain"], folder / "gain_heatmap.png"))
-    if "specialist_auc" in by_name:
-        out.append(plots.auc_heatmap(by_name["specialist_auc"], folder / "specialist_auc_heatmap.png"))
-    if evaluation.of_kind("specialist") and evaluation.unseen and methods:
-        points = protocol.pareto_points(evaluation, methods)
-        if points:
-            out.append(plots.pareto_plot(points, folder / "drop_gain_pareto.png"))
-    return out
-
-
-def flat_metrics(evaluation: Evaluation, summary: ProtocolSummary,
-                 gate_report: GateReport | None = None) -> dict[str, float]:
-    """Every logged number as one flat dict (MLflow metrics, `dvc metrics show`)."""
-    metrics = candidate_metrics(evaluation, summary)
-    if gate_report is not None:
-        metrics.update(gate_metrics(gate_report))
-    return _finite(metrics)
-
-
-def write_reports(folder: Path, evaluation: Evaluation, summary: ProtocolSummary,
-                  gate_report: GateReport | None = None, methods: Sequence[str] | None = None) -> Path:
-    """The reports of one evaluation on disk: `tables/` (md, csv, json), `plots/` (png),
-    `metrics.json` (flat), `evaluation.json`, `summary.json`, `gate_report.json`. The same files
-    a merge run logs to MLflow; DVC stages and Prefect artifacts can point at them."""
-    candidate = summary.candidate
-    methods = list(methods) if methods is not None else [candidate]
-    if candidate not in methods:
-        methods.insert(0, candidate)
-    tables = evaluation_tables(evaluation, methods, candidate)
-    if summary.regression:
-        tables.append(protocol.regression_table(summary))
-    write_tables(tables, folder / "tables")
-    evaluation_plots(evaluation, tables, methods, candidate, folder / "plots")
-    docs = {
-        "metrics.json": flat_metrics(evaluation, summary, gate_report),
-        "evaluation.json": evaluation_dict(evaluation),
-        "summary.json": summary.as_dict(),
-    }
-    if gate_report is not None:
-        docs["gate_report.json"] = gate_report.as_dict()
-    for name, doc in docs.items():
-        (folder / name).write_text(json.dumps(doc, indent=2))
-    return folder
-
-
-def log_merge_run(
+def log_verdict(
     params: Params,
-    evaluation: Evaluation,
-    summary: ProtocolSummary,
+    verdict,
     *,
-    gate_report: GateReport | None = None,
     checkpoint: Path | str | None = None,
-    methods: Sequence[str] | None = None,
     merge_params: Mapping | None = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     mlflow_client=None,
 ) -> str:
-    """A finished run in `r2m-merges` for candidate `summary.candidate`: merge hyperparameters
-    as params; the candidate's metrics + gate; every table and plot; the checkpoint. Each other
-    method in `methods` (WA, TA, ..., All-in-one) gets a nested child run with the same metric
+    """A finished run in `r2m-merges` for a judged candidate (`r2m.evaluation.judge.Verdict`):
+    merge hyperparameters as params; the candidate's numbers with their intervals and the gate
+    as metrics; the report `r2m.evaluation.reporting.write` makes as artifacts; the checkpoint.
+    Each compared method (WA, TA, ..., All-in-one) gets a nested child run with the same metric
     names, so the MLflow UI compares them side by side. Returns the parent run id."""
+    from r2m.evaluation import reporting
+
     c = mlflow_client or client(params)
-    candidate = summary.candidate
-    methods = list(methods) if methods is not None else [
-        m for m in evaluation.metrics if evaluation.models[m].kind not in ("specialist", "champion")
-    ]
-    if candidate not in methods:
-        methods.insert(0, candidate)
+    evaluation, roles, gate = verdict.evaluation, verdict.roles, verdict.gate
+    candidate = roles.candidate
     exp = experiment_id(params, EXPERIMENT_MERGES, c)
-    run_tags = {"r2m.kind": "merge", "candidate": candidate, **(tags or {})}
-    if gate_report is not None:
-        run_tags.update(gate="passed" if gate_report.passed else "failed", gate_reason=gate_report.reason[:5000])
+    run_tags = {"r2m.kind": "merge", "candidate": candidate, "gate": "passed" if gate.passed else "failed",
+                "gate_reason": gate.reason[:5000], **(tags or {})}
     run = c.create_run(exp, run_name=run_name or f"merge-{candidate}", tags=run_tags)
     run_id = run.info.run_id
     try:
@@ -274,43 +159,28 @@ def log_merge_run(
         _log_params(c, run_id, {
             "candidate": candidate,
             "candidate_kind": info.kind,
-            "specialists": json.dumps(evaluation.of_kind("specialist")),
-            "n_specialists": str(len(evaluation.of_kind("specialist"))),
+            "specialists": json.dumps(list(roles.specialists)),
+            "n_specialists": str(len(roles.specialists)),
+            "champion": str(roles.champion),
             "seen_tasks": json.dumps([t.name for t in evaluation.seen]),
             "unseen_tasks": json.dumps([t.name for t in evaluation.unseen]),
             **_flatten("merge", dict(merge_params or {})),
         })
-        _log_metrics(c, run_id, flat_metrics(evaluation, summary, gate_report))
+        _log_metrics(c, run_id, reporting.metrics(verdict))
         with tempfile.TemporaryDirectory(prefix="r2m-run-") as tmp:
-            write_reports(Path(tmp), evaluation, summary, gate_report, methods)
+            reporting.write(verdict, Path(tmp))
             c.log_artifacts(run_id, tmp)
         if checkpoint is not None:
             log_checkpoint(c, run_id, checkpoint)
-        for m in methods:
-            if m != candidate:
-                _log_child(c, exp, run_id, evaluation, m)
+        for method in roles.methods:
+            if method != candidate:
+                child = c.create_run(exp, run_name=method, tags={
+                    "mlflow.parentRunId": run_id, "r2m.kind": "comparison", "candidate": method})
+                _log_params(c, child.info.run_id, {"method": method, "kind": evaluation.models[method].kind})
+                _log_metrics(c, child.info.run_id, reporting.summary_metrics(verdict, method))
+                c.set_terminated(child.info.run_id, "FINISHED")
     except BaseException:
         c.set_terminated(run_id, "FAILED")
         raise
     c.set_terminated(run_id, "FINISHED")
     return run_id
-
-
-def _log_child(c, experiment: str, parent: str, evaluation: Evaluation, method: str) -> str:
-    summary = protocol.summarize(evaluation, method)
-    run = c.create_run(experiment, run_name=method, tags={
-        "mlflow.parentRunId": parent, "r2m.kind": "comparison", "candidate": method,
-    })
-    _log_params(c, run.info.run_id, {"method": method, "kind": evaluation.models[method].kind})
-    _log_metrics(c, run.info.run_id, candidate_metrics(evaluation, summary))
-    c.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
-
-
-def evaluation_dict(evaluation: Evaluation) -> dict:
-    """Every number of an evaluation as plain JSON (no raw scores)."""
-    return {
-        "tasks": [t.__dict__ for t in evaluation.tasks],
-        "models": {n: m.__dict__ for n, m in evaluation.models.items()},
-        "metrics": {m: {t: tm.as_dict() for t, tm in per.items()} for m, per in evaluation.metrics.items()},
-    }

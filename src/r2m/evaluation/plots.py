@@ -1,6 +1,7 @@
-"""Pictures people would rather look at than read (SPEC section 6): ROC curves, the DROP and
-GAIN heatmaps (paper Fig. 4), the DROP-GAIN Pareto plot (Fig. 5), the specialists × tasks AUC
-heatmap. PNG files via matplotlib's Agg canvas (no display, no pyplot global state)."""
+"""Pictures people would rather look at than read: ROC curves, the DROP and GAIN heatmaps
+(paper Fig. 4), the DROP-GAIN Pareto plot (Fig. 5, with the intervals as error bars), the
+specialists × tasks AUC heatmap. PNG files via matplotlib's Agg canvas (no display, no pyplot
+global state)."""
 
 from __future__ import annotations
 
@@ -106,12 +107,20 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
 
 
 def pareto_plot(points: Mapping[str, tuple[float, float]], path: Path,
-                title: str = "DROP-GAIN Pareto (upper left is best)") -> Path:
-    """Fig. 5: x = mean DROP (lower is better), y = mean GAIN (higher is better)."""
+                title: str = "DROP-GAIN Pareto (upper left is best)",
+                intervals: Mapping[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] | None = None,
+                ) -> Path:
+    """Fig. 5: x = mean DROP (lower is better), y = mean GAIN (higher is better); `intervals`
+    (method -> (DROP interval, GAIN interval)) are drawn as error bars."""
     fig = Figure(figsize=(5.5, 4.5))
     ax = fig.subplots()
     front = set(pareto_front(points))
     for name, (d, g) in points.items():
+        dx, gy = (intervals or {}).get(name, (None, None))
+        if dx is not None or gy is not None:
+            ax.errorbar([d], [g], xerr=None if dx is None else [[d - dx[0]], [dx[1] - d]],
+                        yerr=None if gy is None else [[g - gy[0]], [gy[1] - g]],
+                        fmt="none", ecolor="grey", elinewidth=0.8, capsize=2, zorder=1)
         on_front = name in front
         ax.scatter([d], [g], s=60 if on_front else 35, marker="o" if on_front else "s",
                    color="tab:red" if on_front else "tab:blue", zorder=3)
