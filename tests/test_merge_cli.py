@@ -70,13 +70,39 @@ def test_merge_writes_safetensors_and_sidecar(checkpoints, tmp_path, project, me
 
 
 def test_r2m_defaults_come_from_params(checkpoints, tmp_path, project):
-    (project / "params.yaml").write_text("merge:\n  alpha: 0.6\n  rank: 0.3\n  core: uncentered\n")
+    (project / "params.yaml").write_text("merge:\n  parameters: {alpha: 0.6, rank: 0.3, core: uncentered}\n")
     c = checkpoints
     out = tmp_path / "m.safetensors"
     result = run("--method", "r2m", "--pretrained", c["theta0"], "--specialist", c["specs"][0], "--specialist", c["specs"][1], "--out", out)
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "m.safetensors.json").read_text())
     assert meta["hparams"]["alpha"] == 0.6 and meta["hparams"]["rank"] == 0.3 and meta["hparams"]["core"] == "uncentered"
+    # a flag wins over params.yaml; the configured parameters never leak into another method
+    result = run("--method", "r2m", "--alpha", "0.9", "--pretrained", c["theta0"], "--specialist", c["specs"][0],
+                 "--specialist", c["specs"][1], "--out", out)
+    assert result.exit_code == 0 and json.loads((tmp_path / "m.safetensors.json").read_text())["hparams"]["alpha"] == 0.9
+    result = run("--method", "cart", "--pretrained", c["theta0"], "--specialist", c["specs"][0], "--specialist",
+                 c["specs"][1], "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m.safetensors.json").read_text())["hparams"] == {"eta": 1.0, "rank": 0.1, "form": "sum"}
+
+
+@pytest.mark.parametrize("merge, message", [
+    ("{method: avg}", "merge.method: unknown method 'avg'"),
+    ("{parameters: {alhpa: 0.5}}", "merge.parameters.alhpa: method 'r2m' has no such parameter"),
+    ("{parameters: {core: centred}}", "merge.parameters.core: 'centred' is not one of centered, uncentered"),
+    ("{parameters: {rank: high}}", "merge.parameters.rank: 'high' is not a float"),
+    ("{grid: {alpha: []}}", "merge.grid.alpha: give at least one value"),
+    ("{grid: {eta: [1.0]}}", "merge.grid.eta: method 'r2m' has no such parameter"),
+    ("{baselines: [wa, dare]}", "merge.baselines: unknown method 'dare'"),
+    ("{alpha: 0.5}", "unknown key 'merge.alpha'"),
+])
+def test_merge_section_is_checked_against_the_methods_declarations(checkpoints, tmp_path, project, merge, message):
+    (project / "params.yaml").write_text(f"merge: {merge}\n")
+    c = checkpoints
+    result = run("--method", "wa", "--pretrained", c["theta0"], "--specialist", c["specs"][0], "--out",
+                 tmp_path / "m.safetensors")
+    one_line_error(result, message)
 
 
 def _write_specialist(path, state, meta):

@@ -410,8 +410,27 @@ def test_select_picks_the_best_grid_point_by_callers_score():
     assert chosen.best_hparams["lam"] == 1.0 and len(chosen.table) == 2 and len(calls) == 2
     sel = select("r2m", theta0, specs, lambda s, hp: -abs(hp["alpha"] - 0.6) - abs(hp["rank"] - 0.3))
     assert sel.best_hparams["alpha"] == 0.6 and sel.best_hparams["rank"] == 0.3 and len(sel.table) == 12
-    direct = merge("r2m", theta0, specs, alpha=0.6, rank=0.3).state_dict
-    assert all(torch.allclose(direct[k], sel.best.state_dict[k], atol=1e-6) for k in direct)
+    direct = merge("r2m", theta0, specs, alpha=0.6, rank=0.3)
+    assert sel.best_diagnostics["eta"] == pytest.approx(direct.diagnostics["eta"])
+
+
+def test_selection_holds_one_merged_model_at_a_time():
+    """Each grid point is scored and dropped before the next is composed (the best is merged again
+    by the caller), so the selection's memory is one merged model whatever the grid size."""
+    import weakref
+
+    theta0 = random_model(12)
+    specs = specialists_of(theta0, 3)
+    previous: list = []
+
+    def score(state, hp):
+        if previous:
+            assert previous[-1]() is None, "the previous grid point is still in memory"
+        previous.append(weakref.ref(state[FC]))
+        return hp["alpha"]
+
+    chosen = select("r2m", theta0, specs, score)
+    assert len(previous) == 12 and chosen.best_hparams["alpha"] == 0.6
 
 
 def test_ties_patch_reaches_a_streamed_file(tmp_path):

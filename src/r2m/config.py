@@ -145,36 +145,46 @@ class DataConfig(Section):
 
 
 class DemoConfig(Section):
-    """The embedded benchmark (`r2m demo-data`, SPEC section 11)."""
+    """The embedded benchmark (`r2m demo-data`, docs/benchmark.md)."""
 
     seed: int = 0
-    size: int = Field(400, ge=1)  # images per class per dataset (seen test ≈ 15 %, unseen test = all)
+    # images per class per seen dataset, cut by source at split_fractions (640: 320 / 160 / 160),
+    # so val and test are big enough to choose and to judge (≥ 150 per class, sources disjoint)
+    size: int = Field(640, ge=1)
+    unseen_size: int = Field(320, ge=1)  # images per class per unseen set (all of it is test)
+    split_fractions: dict[str, float] = {"train": 0.5, "val": 0.25, "test": 0.25}
     image_size: int = 64
     strength: float = Field(1.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
 
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        return DataConfig._fractions(v)
+
 
 class MergeConfig(Section):
-    """Merging (SPEC section 5). Defaults α = 0.5, r = 0.7 (paper C.4)."""
+    """Merging (docs/method.md): the candidate's method, its parameters and the grid chosen on the
+    seen validation splits, the baselines scored beside it, and the hierarchy. Names and values
+    are checked against the methods' declarations (`r2m.merging.registry.plan`) before any work."""
 
-    method: Literal["wa", "ta", "ties", "cart", "r2m"] = "r2m"
-    alpha: float = 0.5
-    rank: float = 0.7
-    core: Literal["centered", "uncentered"] = "centered"
-    eta: Literal["normalized", "literal"] = "normalized"
-    select: bool = True  # choose α × r on seen validation splits
-    alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6)
-    rank_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
-    core_grid: tuple[Literal["centered", "uncentered"], ...] = ("centered", "uncentered")
+    method: str = "r2m"
+    parameters: dict[str, float | int | str] = {}  # overrides of the method's declared defaults
+    grid: dict[str, tuple[float | int | str, ...]] = {}  # overrides of the method's declared grid
+    select: bool = True  # choose the grid point on the seen validation splits (else: `parameters`)
     baselines: tuple[str, ...] = ("wa", "ta", "ties", "cart")
 
 
 class GateConfig(Section):
-    """Thresholds a candidate must meet to replace the champion (SPEC section 6)."""
+    """Thresholds a candidate must meet to replace the champion, and how the 95 % intervals
+    beside every number are drawn (docs/method.md, "The gate")."""
 
     max_drop: float = 0.10
     min_gain_macro: float = -0.05
-    max_regression: float = 0.02
+    max_regression: float = 0.02  # per seen task, and on the macro mean of the unseen sets
     min_auc: float = 0.6
+    interval_level: float = Field(0.95, gt=0, lt=1)  # paired grouped bootstrap over the test images
+    interval_resamples: int = Field(1000, ge=100)
+    interval_seed: int = 0  # fixed: the same scores give the same intervals
 
 
 class ExportConfig(Section):
@@ -245,6 +255,14 @@ class Params(Section):
         """A path of `paths`, resolved against the project root."""
         p = Path(getattr(self.paths, name))
         return p if p.is_absolute() else (self.root / p)
+
+    def relative(self, path: Path | str) -> str:
+        """`path` relative to the project root when it lies inside it (what artifacts record, so a
+        moved project still resolves them), else as given."""
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
 
     @property
     def tracking_uri(self) -> str:

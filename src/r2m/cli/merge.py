@@ -1,4 +1,4 @@
-"""`r2m merge`: training-free merging of specialists (issue 4)."""
+"""`r2m merge`: training-free merging of specialists (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def merge(
     rank: Optional[float] = typer.Option(None, "--rank", help="R²M / CART: rank ratio r (k = ⌊r·min(m,n)⌋ ≥ 1)."),
     lam: Optional[float] = typer.Option(None, "--lam", help="TA / TIES: λ."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="TIES: fraction of |τ_i| kept."),
-    eta: Optional[float] = typer.Option(None, "--eta", help="CART: η."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="CART: η, the scale of the summed residuals."),
     eta_mode: Optional[str] = typer.Option(None, "--eta-mode", help="R²M: normalized (§4) | literal (eq. 6)."),
     core: Optional[str] = typer.Option(None, "--core", help="R²M: centered (eq. 2) | uncentered."),
     k: Optional[int] = typer.Option(None, "--k", help="R²M: rank of the Real core (default 1)."),
@@ -34,7 +34,7 @@ def merge(
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bars on stderr."),
 ) -> None:
-    """Merge specialists into one detector with WA, TA, TIES, CART or R²M (SPEC section 5).
+    """Merge specialists into one detector with WA, TA, TIES, CART or R²M (docs/method.md).
 
     Every specialist must come from the same θ0 (checked by sha256; for files made elsewhere,
     vouch with --assume-theta0 or record it with `r2m import-checkpoint --pretrained`) and share
@@ -44,18 +44,18 @@ def merge(
     from r2m.config import load_params
     from r2m.errors import MergeError
     from r2m.merging.files import merge_files
-    from r2m.merging.registry import get_method
+    from r2m.merging.registry import get_method, plan
 
-    cfg = load_params(params_file).merge
-    method = method or cfg.method
+    configured = plan(load_params(params_file).merge)
+    method = method or configured.method.name
     spec = get_method(method)
     given = {"alpha": alpha, "rank": rank, "lam": lam, "top_p": top_p, "eta": eta, "eta_mode": eta_mode, "core": core, "k": k, "form": form}
     given = {name: v for name, v in given.items() if v is not None}
     for name in given:
         if name not in spec.hparams:
             raise MergeError(f"{_FLAGS[name]} does not apply to method '{method}' (it takes: {', '.join(_FLAGS[h] for h in spec.hparams) or 'no options'})")
-    if method == "r2m":  # R²M's defaults live in params.yaml (one source of truth)
-        given = {"alpha": cfg.alpha, "rank": cfg.rank, "core": cfg.core, "eta_mode": cfg.eta, **given}
+    if spec is configured.method:  # the configured method's parameters live in params.yaml (one source of truth)
+        given = {**configured.parameters, **given}
     result, meta = merge_files(method, pretrained, specialist, out, given, device=device, progress=progress,
                                assume_theta0=assume_theta0)
     d = result.diagnostics

@@ -80,7 +80,7 @@ def merge_files(
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
-    scratch = DiskScratch(out.parent) if method == "r2m" else None
+    scratch = DiskScratch(out.parent) if spec.scratch else None
     sink = None
     start = time.perf_counter()
     try:

@@ -1,4 +1,4 @@
-"""R²M, Real-aware Residual Model Merging (paper §3.1, eqs. 1-6), exactly as SPEC section 5.
+"""R²M, Real-aware Residual Model Merging (paper §3.1, eqs. 1-6), as docs/method.md writes it down.
 
     τ_i = θ_i − θ0,  τ̄ = (1/N) Σ_i τ_i,  M_c = M − 1 τ̄ᵀ = U_c Σ_c V_cᵀ          (eqs. 1-2)
     τ_core = V_{c,k} V_{c,k}ᵀ τ̄                                                  (eq. 3)
@@ -43,6 +43,7 @@ from r2m.merging.wa import average
 
 EPS = 1e-8  # ε of eq. 4
 CORES = ("centered", "uncentered")
+ETA_MODES = ("normalized", "literal")
 
 
 def _check_rank(rank: float) -> None:
@@ -57,7 +58,7 @@ def check_point(hp: dict) -> None:
     _check_rank(hp.get("rank", 0.7))
     if hp.get("k", 1) < 1:
         raise MergeError(f"R²M: k must be at least 1, got {hp['k']}")
-    if hp.get("eta_mode", "normalized") not in ("normalized", "literal"):
+    if hp.get("eta_mode", "normalized") not in ETA_MODES:
         raise MergeError(f"R²M: eta mode must be 'normalized' or 'literal', got {hp['eta_mode']!r}")
 
 

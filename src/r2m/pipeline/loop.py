@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 from r2m.checkpoint import file_sha256, sidecar_path
 from r2m.config import Params
 from r2m.data import GeneratorDataset
+from r2m.merging.registry import plan
 from r2m.models import ensure_pretrained
 from r2m.pipeline.candidate import Candidate, remerge
 from r2m.pipeline.external import has_external
@@ -215,6 +216,7 @@ def run_steps(params: Params, client, found: Scan, datasets: Sequence[GeneratorD
     left undone (`pending_steps`) come first, in order; the run ends by making the repository
     serve `champion`. Call it holding the project lock. Only `steps` act; `client` reads the
 registry (owed steps, finished releases) and makes the repository serve the champion."""
+    plan(params.merge)  # a bad merge section is a ConfigError now, not after the trainings
     report = LoopReport(scan=found)
     seen_names = [d.name for d in found.seen]
 
