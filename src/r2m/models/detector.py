@@ -78,14 +78,21 @@ class Detector(nn.Module):
 
     def __init__(self, backbone: nn.Module, width: int):
         super().__init__()
-        if is_timm_tower(backbone):
+        # convolutional towers run in channels-last layout: about 2x faster on CPU for
+        # EfficientNet (oneDNN's depthwise and 1x1 kernels), and what cuDNN prefers too;
+        # checkpoints are written contiguous either way (`checkpoint_tensors`)
+        self.channels_last = is_timm_tower(backbone)
+        if self.channels_last:
             backbone.head = nn.Sequential()  # the feature is the trunk's pooled output, before any projection
+            backbone.to(memory_format=torch.channels_last)
         else:
             backbone.proj = None  # the feature is the pooled token before `proj` (DF40's pooler_output)
         self.backbone = backbone
         self.head = nn.Linear(width, 2)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and pixel_values.dim() == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.backbone(pixel_values)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
