@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
@@ -66,12 +66,24 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
 
 
-def _improves(val_auc: float, best: float | None) -> bool:
-    """Keep an epoch when its validation AUC beats every earlier one (strictly: of equal epochs the
-    earliest stays, as DeepfakeBench's trainer keeps its `ckpt_best`); a NaN AUC never beats one."""
-    if best is None or math.isnan(best):
-        return best is None or not math.isnan(val_auc)
-    return val_auc > best
+def _val_loss(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Validation cross-entropy of the fake probabilities (sklearn's log loss)."""
+    return float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])) if labels.size else float("nan")
+
+
+def _improves(row: dict, best: dict | None) -> bool:
+    """Keep an epoch when its validation AUC beats every earlier one; of equal AUCs, the lower
+    validation loss (an AUC saturated at 1.0 no longer tells epochs apart, the loss still does:
+    it prefers the specialist whose margins survive merging); of equal both, the earliest. A NaN
+    AUC never beats one."""
+    if best is None:
+        return True
+    auc, best_auc = row["val_auc"], best["val_auc"]
+    if math.isnan(best_auc):
+        return not math.isnan(auc)
+    if math.isnan(auc) or auc < best_auc:
+        return False
+    return auc > best_auc or row["val_loss"] < best["val_loss"]
 
 
 def _loader(datasets: Sequence[GeneratorDataset], split: str, transform, params: Params, shuffle: bool, generator=None) -> DataLoader:
@@ -107,8 +119,9 @@ def train_specialist(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Fine-tune θ0 (`pretrained`) on the train splits of `datasets`; validate on their val splits
-    after every epoch and save the weights of the epoch with the best validation AUC (never test
-    data: `metrics.best_epoch` names it, `history` has every epoch)."""
+    after every epoch and save the weights of the epoch with the best validation AUC, ties broken
+    by the lower validation loss (never test data: `metrics.best_epoch` names it, `history` has
+    every epoch)."""
     if not datasets:
         raise TrainingError("no dataset to train on")
     unseen = [ds.name for ds in datasets if ds.role != "seen"]
@@ -172,9 +185,10 @@ def train_specialist(
         train_seconds += time.perf_counter() - t0
         seen_images += count
         scores, targets = predict_scores(detector, val_loader, device)
-        row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_auc": _auc(targets, scores)}
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_auc": _auc(targets, scores),
+               "val_loss": _val_loss(targets, scores)}
         history.append(row)
-        if _improves(row["val_auc"], best[0]["val_auc"] if best else None):
+        if _improves(row, best[0] if best else None):
             best = (row, {k: v.clone() for k, v in detector.checkpoint_tensors().items()})
         if on_epoch:
             on_epoch(row)
@@ -184,6 +198,7 @@ def train_specialist(
     kept, tensors = best
     metrics = {
         "val_auc": kept["val_auc"],
+        "val_loss": kept["val_loss"],
         "train_loss": kept["train_loss"],
         "best_epoch": kept["epoch"],  # the epoch whose weights are saved
         "last_val_auc": history[-1]["val_auc"],
