@@ -1,4 +1,4 @@
-"""`r2m merge`: training-free merging of specialists (issue 4)."""
+"""`r2m merge`: training-free merging of specialists (README "Command line")."""
 
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ def merge(
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bars on stderr."),
 ) -> None:
-    """Merge specialists into one detector with WA, TA, TIES, CART or R²M (SPEC section 5).
+    """Merge specialists into one detector with WA, TA, TIES, CART or R²M (README "The continual loop", step 3).
 
     Every specialist must come from the same θ0 (checked by sha256; for files made elsewhere,
     vouch with --assume-theta0 or record it with `r2m import-checkpoint --pretrained`) and share
     its keys and shapes. Heads are averaged for every method. Writes the merged safetensors plus a JSON
     sidecar with the method, hyperparameters, inputs and diagnostics.
     """
+    from r2m.checkpoint import check_head, checkpoint_keys
     from r2m.config import load_params
     from r2m.errors import MergeError
     from r2m.merging.files import merge_files
@@ -56,6 +57,8 @@ def merge(
             raise MergeError(f"{_FLAGS[name]} does not apply to method '{method}' (it takes: {', '.join(_FLAGS[h] for h in spec.hparams) or 'no options'})")
     if method == "r2m":  # R²M's defaults live in params.yaml (one source of truth)
         given = {"alpha": cfg.alpha, "rank": cfg.rank, "core": cfg.core, "eta_mode": cfg.eta, **given}
+    for path in (pretrained, *specialist):  # half a head would be averaged with the others' whole heads
+        check_head(checkpoint_keys(path), path)
     result, meta = merge_files(method, pretrained, specialist, out, given, device=device, progress=progress,
                                assume_theta0=assume_theta0)
     d = result.diagnostics
