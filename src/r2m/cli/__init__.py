@@ -36,6 +36,9 @@ app = typer.Typer(
         "Keep one deepfake detector up to date as new generators appear: fine-tune one "
         "specialist per generator, merge them training-free with R²M, gate, export to ONNX, serve."
     ),
+    epilog=("Exit status: 0 success, 1 a verdict against the input (gate failed, specialist rejected), "
+            "2 bad input (one line naming the file, key or flag), 70 a bug in r2m (one line naming the crash log "
+            "under <project root>/logs/). Threads: R2M_THREADS=N or R2M_THREADS=library (README \"Running beside other jobs\")."),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
