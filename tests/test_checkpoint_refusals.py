@@ -1,4 +1,4 @@
-"""`r2m evaluate` and `r2m export` refuse checkpoints they would score silently wrong (issue 11, item 7)."""
+"""`r2m evaluate` and `r2m export` refuse checkpoints they would score silently wrong."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ CASES = {
                      ["head.weight", "torch.int64", "floating-point"]),
     "NaN weight": (_nan, [BACKBONE_KEY, "NaN"]),
     "no head keys": (lambda t: [t.pop(k) for k in ("head.weight", "head.bias")], ["no trained head", "head.weight"]),
+    "half a head": (lambda t: t.pop("head.bias"), ["half a head", "'head.weight' without 'head.bias'"]),
 }
 
 

@@ -10,7 +10,7 @@ from fixtures import make_generator_dataset, one_line_error, seed_mlflow_store
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from r2m.checkpoint import file_sha256, load_checkpoint, read_meta, sidecar_path
+from r2m.checkpoint import file_sha256, load_checkpoint, read_meta, recorded_path, sidecar_path
 from r2m.cli import app
 from r2m.config import load_params
 from r2m.data import validate_dataset
@@ -81,7 +81,7 @@ def test_external_specialist_checked_registered_and_merged(project):
     assert read_meta(external.path)["origin"] == "external"  # the registered copy, read through its run's artifact URI
     assert file_sha256(external.path) == mv.tags["sha256"]
     merged = read_meta(report.candidate.path)
-    assert str(external.path) in [s["path"] for s in merged["specialists"]]
+    assert external.path in [recorded_path(s["path"], project) for s in merged["specialists"]]
     assert merged["theta0_sha256"] == read_meta(external.path)["theta0_sha256"]
     assert report.candidate.gate_passed and report.champion == report.candidate.version
     champion = report.champion

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 class R2MError(Exception):
-    """Base class: the CLI prints these as one line on stderr and exits with status 2."""
+    """Base class: the CLI prints these as one line on stderr and exits with status 2 (any other
+    exception is a bug in r2m: one line naming it and its crash log, exit status 70)."""
 
 
 class ConfigError(R2MError):
@@ -67,14 +68,21 @@ def check_output_file(path: Path | str, error: type[R2MError] = R2MError, flag: 
     """`path` if a file can be written there: it is not a folder and no folder above it is a file.
 
     Raises `error` naming `flag` and the path otherwise (before any work is done, so a long
-    merge or export never ends in an OSError traceback).
+    merge or export never ends in an OSError traceback). `error` is any R2MError class; those
+    built from (path, reason), `CheckpointError` and `DatasetError`, get the path as theirs.
     """
     path = Path(path)
+    reason = None
     if path.is_dir():
-        raise error(f"{flag} {path}: is a folder, not a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise error(f"{flag} {path}: {parent} is a file, not a folder")
-            break
+        reason = "is a folder, not a file name"
+    else:
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    reason = f"{parent} is a file, not a folder"
+                break
+    if reason is not None:
+        if issubclass(error, (CheckpointError, DatasetError)):
+            raise error(path, f"{flag} {reason}")
+        raise error(f"{flag} {path}: {reason}")
     return path

@@ -1,4 +1,5 @@
-"""`r2m import-checkpoint` and `r2m register-specialist`: checkpoints r2m did not train (issue 12)."""
+"""`r2m import-checkpoint` and `r2m register-specialist`: checkpoints r2m did not train (README
+"Bring your own specialists")."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def import_checkpoint(
         None, "--head", help="The specialist's linear head (one Linear: weight [2 or 1, width], bias), for formats without one."),
     act: Optional[str] = typer.Option(
         None, "--act", help="quick_gelu (OpenAI CLIP weights) | gelu; default: the source's config, θ0 or --model."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads; default: the source's config, θ0 or --model."),
+    heads: Optional[int] = typer.Option(
+        None, "--heads", help="Attention heads (≥ 1); default: the source's config, θ0 or --model (DeepfakeBench: width/64, "
+                              "printed as an assumption)."),
     model: Optional[str] = typer.Option(
         None, "--model", help="An open_clip config the tower is an instance of (e.g. ViT-B-16-quickgelu), for heads and activation."),
     hf_config: Optional[Path] = typer.Option(
@@ -34,19 +37,34 @@ def import_checkpoint(
     vision weights, transformers 4 or 5 layout; visual_projection dropped), deepfakebench (its
     CLIP detector: backbone.* + head.*, DataParallel's module. accepted). The sidecar carries the
     open_clip model config, so `r2m evaluate`, `r2m export` and `r2m merge` take the result alone.
-    Without a head the file is a θ0; with one (and --pretrained) a specialist.
+    Without a head the file is a θ0; with one (and --pretrained) a specialist. What the file does
+    not record and had to be assumed (a DeepfakeBench file's heads and activation) is printed on
+    stderr, one line each with the flag that overrides it, and recorded in the sidecar's `assumed`.
     """
-    from r2m.errors import CheckpointError
+    from r2m.errors import CheckpointError, check_output_file
     from r2m.models.imports import import_checkpoint as run_import
     from r2m.models.imports import write_imported
 
-    if out.resolve() == src.resolve():
+    check_output_file(out, CheckpointError)  # a folder, or a path under a file: refused before any work
+    if _resolved(out) == _resolved(src):
         raise CheckpointError(out, "the output would overwrite the source")
     imported = run_import(src, fmt, head=head, pretrained=pretrained, heads=heads, act=act, model_name=model,
                           hf_config=hf_config, generator=generator)
+    for _, line in imported.assumed.values():  # what no file and no flag said: the user must see it
+        typer.echo(f"r2m import-checkpoint: assumption: {line}", err=True)
     sha = write_imported(imported, out)
     typer.echo(f"{imported.kind} {out} (sha256 {sha[:12]}): {imported.architecture.describe()}, model {imported.model['name']}"
                + (f", θ0 {imported.meta['theta0_sha256'][:12]}" if "theta0_sha256" in imported.meta else ""))
+
+
+def _resolved(path: Path) -> Path:
+    """`path` with its links followed; a symlink loop is a CheckpointError naming it."""
+    from r2m.errors import CheckpointError
+
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's "Symlink loop"; OSError (ELOOP) from 3.13
+        raise CheckpointError(path, "a symlink loop: it leads to no file") from None
 
 
 @command("register-specialist")

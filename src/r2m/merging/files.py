@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from r2m.checkpoint import file_sha256, read_meta, sidecar_path, write_json
-from r2m.errors import MergeError, check_output_file
+from r2m.checkpoint import file_sha256, missing_file_reason, read_meta, record_path, recorded_theta0, sidecar_path, write_json
+from r2m.errors import CheckpointError, MergeError, check_output_file
 from r2m.merging.registry import get_method
 from r2m.merging.stream import DiskScratch, SafetensorsSink, SafetensorsSource
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
@@ -28,12 +28,15 @@ from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
 def check_theta0(pretrained: Path, specialists: Sequence[Path], *, assume_theta0: bool = False) -> tuple[str, list[Path]]:
     """(θ0's sha256, the specialists whose θ0 was assumed, not checked). Raises MergeError naming
     the first specialist fine-tuned from another θ0, or without a θ0 hash unless `assume_theta0`:
-    the user's word for files r2m did not write. A recorded hash is always checked."""
+    the user's word for files r2m did not write. A recorded hash is always checked; a missing file,
+    or a record that is not a string, is a CheckpointError naming the file or its sidecar."""
     theta0_sha = file_sha256(pretrained)
     assumed = []
     for path in specialists:
+        if not Path(path).is_file():  # existence before provenance: never "no θ0 record" for a missing file
+            raise CheckpointError(path, missing_file_reason(path))
         meta = read_meta(path)
-        claimed = meta.get("theta0_sha256")
+        claimed = recorded_theta0(path)  # a record that is not a string is an error, never waived
         if not claimed:
             if assume_theta0:
                 assumed.append(path)
@@ -105,7 +108,7 @@ def merge_files(
     inputs = []
     for path in specialists:
         meta = read_meta(path)
-        inputs.append({"path": str(path), "sha256": file_sha256(path) if check_hashes else None, "generator": meta.get("generator"),
+        inputs.append({"path": record_path(path), "sha256": file_sha256(path) if check_hashes else None, "generator": meta.get("generator"),
                        "theta0_assumed": path in assumed})
     sidecar = {
         "kind": "merged",
@@ -113,9 +116,9 @@ def merge_files(
         "hparams": result.hparams,
         "model": theta0_meta.get("model") or read_meta(specialists[0]).get("model"),
         "theta0_sha256": theta0_sha,
-        "theta0_check": {"waived_by": "--assume-theta0", "specialists": [str(p) for p in assumed]} if assumed
+        "theta0_check": {"waived_by": "--assume-theta0", "specialists": [record_path(p) for p in assumed]} if assumed
         else ("sha256" if check_hashes else "skipped"),
-        "pretrained": str(pretrained),
+        "pretrained": record_path(pretrained),  # relative to the project root inside it (r2m.checkpoint.record_path)
         "specialists": inputs,
         "generators": [i["generator"] for i in inputs],
         "diagnostics": result.diagnostics,

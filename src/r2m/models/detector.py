@@ -19,7 +19,7 @@ import torch
 from open_clip.timm_model import TimmModel
 from torch import nn
 
-from r2m.checkpoint import BACKBONE_PREFIX, HEAD_KEYS, load_checkpoint
+from r2m.checkpoint import BACKBONE_PREFIX, HEAD_KEYS, check_head, load_checkpoint
 from r2m.config import ModelConfig, Params
 from r2m.data.transforms import INTERPOLATION
 from r2m.errors import CheckpointError
@@ -61,7 +61,7 @@ def register_inline_config(name: str, config: dict, source: Path | str = "<sidec
 
 def sidecar_model_name(model: dict | None, source: Path | str = "<sidecar>") -> str | None:
     """The open_clip name in a sidecar's `model` entry, its inline `config` registered first."""
-    if not model or "name" not in model:
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         return None
     if "config" in model:
         register_inline_config(model["name"], model["config"], source)
@@ -106,10 +106,11 @@ class Detector(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], source: Path | str = "<memory>") -> None:
-        """Load contract tensors; a pretrained file (no head) leaves the head as initialised."""
+        """Load contract tensors; a pretrained file (no head) leaves the head as initialised, half a
+        head (`head.weight` without `head.bias`, or the reverse) is a CheckpointError."""
         expected = set(self.checkpoint_tensors())
         given = set(tensors)
-        has_head = all(k in given for k in HEAD_KEYS)
+        has_head = check_head(given, source)
         missing = expected - given - (set() if has_head else set(HEAD_KEYS))
         if missing:
             raise CheckpointError(source, f"missing key '{sorted(missing)[0]}' ({len(missing)} missing)")
@@ -196,6 +197,7 @@ def load_detector(path: Path | str, model_cfg: ModelConfig | None = None, device
         model_cfg = ModelConfig(name=name)
     else:
         model_cfg = ModelConfig(name=model_cfg.name)  # weights come from the file, never from a hub
+    check_head(ckpt.tensors, path)  # half a head is refused before "no head" is considered
     missing_head = [k for k in HEAD_KEYS if k not in ckpt.tensors]
     if missing_head and require_head:  # a pretrained θ0 (backbone only) would be scored with a random head
         raise CheckpointError(path, f"no trained head (no key '{missing_head[0]}'): a backbone-only file such as "

@@ -26,8 +26,9 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from r2m.checkpoint import BACKBONE_PREFIX
-from r2m.config import Params
+from r2m.config import ModelConfig, Params
 from r2m.data import REAL, GeneratorDataset, ImageDataset, Sample, build_transform
+from r2m.errors import CheckpointError
 from r2m.evaluation.scoring import score_batches
 from r2m.models.detector import image_size, load_detector, pick_device
 
@@ -65,25 +66,37 @@ def real_val_images(dataset: GeneratorDataset) -> list[Sample]:
     return [s for s in dataset.split("val") if s.label == REAL]
 
 
-def fake_scores(path: Path, samples: Sequence[Sample], params: Params) -> np.ndarray:
+def fake_scores(path: Path, samples: Sequence[Sample], params: Params, model_cfg: ModelConfig | None = None) -> np.ndarray:
+    """Fake scores of the specialist at `path` on `samples`; the model from its sidecar, or
+    `model_cfg` (a file from elsewhere, scored as the loop's model)."""
     device = pick_device()
-    detector = load_detector(path, device=device)
+    detector = load_detector(path, model_cfg, device=device)
     transform = build_transform(False, image_size(params.model.name), params.train)
     loader = DataLoader(ImageDataset(list(samples), transform), batch_size=64)
     return score_batches(detector, (x for x, _ in loader), device)
 
 
+def finite_scores(path: Path, scores: np.ndarray, what: str) -> np.ndarray:
+    """`scores` if every one is a number; else a CheckpointError: weights that overflow (finite,
+    but large enough to give Inf or NaN logits) make a specialist no verdict can be computed for."""
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise CheckpointError(path, f"gives NaN or Inf fake scores on {bad} of {len(scores)} {what}: its weights overflow "
+                                    "(finite but too large); it cannot be scored, so it is not registered")
+    return scores
+
+
 def real_disagreement(path: Path, dataset: GeneratorDataset, trusted: Sequence[GeneratorDataset],
-                      params: Params) -> float | None:
+                      params: Params, model_cfg: ModelConfig | None = None) -> float | None:
     """AUC of 'trusted real images are more fake than my own real images' under this specialist."""
     same_domain = [d for d in trusted if d.domain == dataset.domain] or list(trusted)
     trusted_reals = [s for d in same_domain for s in real_val_images(d)]
     own_reals = real_val_images(dataset)
     if not trusted_reals or not own_reals:
         return None
-    scores = fake_scores(path, [*trusted_reals, *own_reals], params)
+    scores = fake_scores(path, [*trusted_reals, *own_reals], params, model_cfg)
     labels = np.r_[np.ones(len(trusted_reals)), np.zeros(len(own_reals))]
-    return float(roc_auc_score(labels, scores))
+    return float(roc_auc_score(labels, finite_scores(path, scores, "real validation images")))
 
 
 def check_specialist(
@@ -94,11 +107,12 @@ def check_specialist(
     *,
     pretrained: Path,
     params: Params,
+    model_cfg: ModelConfig | None = None,
 ) -> SpecialistCheck:
     """Accept or reject the specialist of `dataset` against `trusted` (the accepted specialists'
     datasets and checkpoints; none for the very first), with the reason named."""
     cfg = params.flow
-    disagreement = real_disagreement(path, dataset, [d for d, _ in trusted], params) if trusted else None
+    disagreement = real_disagreement(path, dataset, [d for d, _ in trusted], params, model_cfg) if trusted else None
     tv_cos = task_vector_cosine(pretrained, path, [p for _, p in trusted])
     if not val_auc >= cfg.min_specialist_val_auc:
         reason = f"validation AUC {val_auc:.4f} < flow.min_specialist_val_auc {cfg.min_specialist_val_auc}"

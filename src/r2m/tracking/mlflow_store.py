@@ -1,4 +1,4 @@
-"""Where MLflow keeps runs and models (SPEC section 7).
+"""Where MLflow keeps runs and models (README "Comparing runs (MLflow)", "Reliability").
 
 Embedded default: a SQLite store `sqlite:///mlflow.db` and the artifact folder `mlartifacts/`,
 both at the project root (`params.tracking_uri`, `params.path("mlflow_artifacts")`);
@@ -11,7 +11,10 @@ MLflow writes absolute artifact locations into a SQLite store (each experiment's
 `artifact_location`, each run's `artifact_uri`). A project moved or copied with its store and
 its artifact folder would then read and write the *original* folder (or fail when it is gone);
 `relocate_store` rewrites those locations to this project's artifact folder before the store
-is opened (only where the artifacts are actually here), so the project is relocatable.
+is opened (only where the artifacts are actually here), so the project is relocatable. MLflow's
+own `Default` experiment (id 0, created with the store) gets its location from the working folder
+of whoever created the store (`<cwd>/mlruns/0`); r2m points it at `<artifact root>/0` whenever the
+store is opened, so it never names another folder either.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from r2m.config import Params
 
 EXPERIMENT_SPECIALISTS = "r2m-specialists"  # one run per specialist training
 EXPERIMENT_MERGES = "r2m-merges"  # one run per merge + evaluation + gate
+DEFAULT_EXPERIMENT_ID = 0  # MLflow's `Default` experiment, created with every store
 
 
 def _quiet_mlflow() -> None:
@@ -50,8 +54,11 @@ def client(params: Params):
     _quiet_mlflow()  # after the import: importing mlflow sets its loggers to INFO
 
     uri = params.tracking_uri
+    new_store = False
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        new_store = not db.is_file()
         relocate_store(params)
     # MLflow also exports these to MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which r2m reads as
     # the user's override: left there, the next project loaded in this process (or any child
@@ -64,7 +71,11 @@ def client(params: Params):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if new_store:  # MLflow creates the store (and `Default`, at <cwd>/mlruns/0) on first use: do it now, then fix it
+        mlflow_client.search_experiments(max_results=1)
+        relocate_store(params)
+    return mlflow_client
 
 
 def artifact_root(params: Params) -> Path:
@@ -92,7 +103,8 @@ def relocate_store(params: Params) -> list[tuple[str, str]]:
     For each r2m experiment whose artifact location is `<old root>/<its folder>` with
     `<old root>` not this project's artifact root, while `<artifact root>/<its folder>` exists
     here (the artifacts came along), rewrite the `<old root>` prefix of every experiment
-    location and run artifact URI to this root. Returns the (old, new) prefixes rewritten.
+    location and run artifact URI to this root; MLflow's `Default` experiment is pointed at
+    `<artifact root>/0` (`_relocate_default`). Returns the (old, new) prefixes rewritten.
     """
     db = Path(params.tracking_uri.removeprefix("sqlite:///"))
     if not db.is_file():
@@ -120,10 +132,30 @@ def relocate_store(params: Params) -> list[tuple[str, str]]:
                     con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
                                 f"WHERE substr({column}, 1, ?) = ?", (n, len(o) + 1, len(prefix), prefix))
             done.append((str(old), str(new)))
+        done += _relocate_default(con, root)
         con.commit()
         return done
     finally:
         con.close()
+
+
+def _relocate_default(con: sqlite3.Connection, root: Path) -> list[tuple[str, str]]:
+    """Point MLflow's `Default` experiment at `<root>/0` when its location is a local folder
+    elsewhere (where the store was created, or where the project was before a move); its runs'
+    artifact URIs follow when their artifacts came along (`<root>/0` exists here)."""
+    row = con.execute("SELECT artifact_location FROM experiments WHERE experiment_id = ?",
+                      (DEFAULT_EXPERIMENT_ID,)).fetchone()
+    old = _local(row[0] or "") if row else None
+    new = root / str(DEFAULT_EXPERIMENT_ID)
+    if old is None or old == new:
+        return []
+    con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new.as_uri(), DEFAULT_EXPERIMENT_ID))
+    if new.is_dir():
+        for o, n in ((old.as_uri(), new.as_uri()), (str(old), str(new))):
+            prefix = o + "/"
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                        "AND substr(artifact_uri, 1, ?) = ?", (n, len(o) + 1, DEFAULT_EXPERIMENT_ID, len(prefix), prefix))
+    return [(str(old), str(new))]
 
 
 def experiment_id(params: Params, name: str, mlflow_client=None) -> str:

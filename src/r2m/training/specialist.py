@@ -25,6 +25,7 @@ from r2m.config import Params
 from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import TrainingError
 from r2m.models.detector import Detector, build_detector, image_size, pick_device
+from r2m.threads import configure_torch
 
 
 @dataclass
@@ -131,6 +132,7 @@ def train_specialist(
     out = Path(out)
     cfg = params.train
     device = pick_device()
+    configure_torch()  # threads that fit the box (r2m.threads; README "Running beside other jobs")
     generator = seed_everything(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
