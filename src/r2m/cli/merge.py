@@ -41,7 +41,6 @@ def merge(
     its keys and shapes. Heads are averaged for every method. Writes the merged safetensors plus a JSON
     sidecar with the method, hyperparameters, inputs and diagnostics.
     """
-    from r2m.checkpoint import check_head, checkpoint_keys
     from r2m.config import load_params
     from r2m.errors import MergeError
     from r2m.merging.files import merge_files
@@ -57,8 +56,6 @@ def merge(
             raise MergeError(f"{_FLAGS[name]} does not apply to method '{method}' (it takes: {', '.join(_FLAGS[h] for h in spec.hparams) or 'no options'})")
     if spec is configured.method:  # the configured method's parameters live in params.yaml (one source of truth)
         given = {**configured.parameters, **given}
-    for path in (pretrained, *specialist):  # half a head would be averaged with the others' whole heads
-        check_head(checkpoint_keys(path), path)
     result, meta = merge_files(method, pretrained, specialist, out, given, device=device, progress=progress,
                                assume_theta0=assume_theta0)
     d = result.diagnostics

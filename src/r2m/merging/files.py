@@ -10,16 +10,15 @@ generator) and the method's diagnostics.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from r2m.checkpoint import file_sha256, missing_file_reason, read_meta, record_path, recorded_theta0, sidecar_path, write_json
+from r2m.checkpoint import check_head, checkpoint_keys, file_sha256, missing_file_reason, read_meta, record_path, recorded_theta0, sidecar_path, write_json
 from r2m.errors import CheckpointError, MergeError, check_output_file
+from r2m.fileio import atomic_write
 from r2m.merging.registry import get_method
 from r2m.merging.stream import DiskScratch, SafetensorsSink, SafetensorsSource
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
@@ -78,32 +77,36 @@ def merge_files(
     for path in (pretrained, *specialists):
         if path.resolve() == out.resolve():
             raise MergeError(f"{out}: the output would overwrite an input")
+    for path in (pretrained, *specialists):  # half a head would be averaged with the others' whole heads
+        check_head(checkpoint_keys(path), path)
     sources = [SafetensorsSource(p) for p in (pretrained, *specialists)]
     theta0_sha, assumed = check_theta0(pretrained, specialists, assume_theta0=assume_theta0) if check_hashes else (None, [])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     scratch = DiskScratch(out.parent) if spec.scratch else None
-    sink = None
     start = time.perf_counter()
-    try:
+    outcome: dict = {}
+
+    def write(tmp: Path) -> None:
         layout = TaskVectors(sources[0], sources[1:]).layout()
         sink = SafetensorsSink(tmp, layout, {"format": "pt", "method": method})
-        runtime = Runtime(device=device, scratch=scratch, sink=sink, progress=progress)
-        result = spec.fn(sources[0], sources[1:], runtime=runtime, **hp)
-        sink.close()
-        os.replace(tmp, out)
-    except BaseException:
-        if sink is not None:
+        try:
+            runtime = Runtime(device=device, scratch=scratch, sink=sink, progress=progress)
+            outcome["result"] = spec.fn(sources[0], sources[1:], runtime=runtime, **hp)
+            outcome["runtime"] = runtime
+            sink.close()
+        except BaseException:
             sink.abort()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            raise
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, write)
     finally:
         if scratch is not None:
             scratch.close()
         for s in sources:
             s.close()
     seconds = time.perf_counter() - start
+    result, runtime = outcome["result"], outcome["runtime"]
     theta0_meta = read_meta(pretrained)
     inputs = []
     for path in specialists:

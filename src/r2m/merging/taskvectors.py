@@ -101,6 +101,9 @@ class Runtime:
     sink: Sink | None = None
     progress: bool = False
     prefetch: bool = True
+    # heads and BatchNorm statistics to emit instead of the inputs' mean: hierarchical merging's
+    # level 2 reads group models but gives the mean over all the specialists (r2m.merging.hierarchy)
+    averaged: Mapping[str, torch.Tensor] | None = None
 
     def resolved_device(self) -> torch.device:
         if self.device is not None:
@@ -290,7 +293,8 @@ class TaskVectors:
                 self.require_finite(p.key, out)
                 sink.put(p.key, out.reshape(p.shape))
             elif p.kind in ("head", "statistic"):
-                sink.put(p.key, self.mean_head(p.key))
+                given = self.runtime.averaged
+                sink.put(p.key, given[p.key] if given is not None else self.mean_head(p.key))
             else:
                 sink.put(p.key, self.theta0.get(p.key))
         return sink
