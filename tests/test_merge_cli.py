@@ -198,3 +198,41 @@ def test_bare_checkpoints_merge_only_with_assume_theta0(checkpoints, tmp_path, p
     one_line_error(run("--method", "wa", "--pretrained", c["theta0"], "--specialist", bare[0], "--specialist", other,
                         "--out", tmp_path / "m3.safetensors", "--assume-theta0"), "other.safetensors", "another θ0")
     assert not (tmp_path / "m3.safetensors").exists()
+
+
+def test_hierarchy_family_merges_each_family_then_the_groups(tmp_path, project):
+    """`r2m merge --hierarchy family` on six tiny specialists of three families: the dense float64
+    reference of the two-level merge (test_merging_hierarchy), the groups in the sidecar."""
+    from test_merging_hierarchy import dense_hierarchy
+
+    torch.manual_seed(1)
+    detector = build_detector(ModelConfig(name="r2m-tiny"))
+    tensors = detector.checkpoint_tensors()
+    theta0 = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
+    model = {"name": "r2m-tiny", "pretrained": None}
+    sha0 = save_checkpoint(tmp_path / "theta0.safetensors", theta0, {"kind": "pretrained", "model": model})
+    families = ["FS", "FS", "FR", "FR", "EFS", "EFS"]
+    paths, states = [], []
+    for i, family in enumerate(families):
+        state = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone() for k, v in tensors.items()}
+        path = tmp_path / f"{family.lower()}-{i}.safetensors"
+        save_checkpoint(path, state, {"kind": "specialist", "model": model, "theta0_sha256": sha0,
+                                      "generator": path.stem, "families": [family]})
+        paths.append(path)
+        states.append(state)
+    out = tmp_path / "h.safetensors"
+    result = run("--method", "r2m", "--hierarchy", "family", "--alpha", "0.8", "--rank", "0.3", "--core", "uncentered",
+                 "--pretrained", tmp_path / "theta0.safetensors", *sum((["--specialist", p] for p in paths), []), "--out", out)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "h.safetensors.json").read_text())
+    assert meta["hparams"]["hierarchy"]["groups"] == {"FS": ["fs-0", "fs-1"], "FR": ["fr-2", "fr-3"], "EFS": ["efs-4", "efs-5"]}
+    expected = dense_hierarchy(theta0, states, families, {}, {"alpha": 0.8, "rank": 0.3, "core": "uncentered"})
+    got = load_merged(out)
+    for key, value in expected.items():
+        assert torch.allclose(got[key].double(), value, atol=3e-5), key
+    assert "groups FS: fs-0, fs-1" in result.output
+
+    one_line_error(run("--method", "cart", "--hierarchy", "family", "--pretrained", tmp_path / "theta0.safetensors",
+                       "--specialist", paths[0], "--out", tmp_path / "c.safetensors"), "--hierarchy applies to r2m only")
+    one_line_error(run("--method", "r2m", "--hierarchy", "byname", "--pretrained", tmp_path / "theta0.safetensors",
+                       "--specialist", paths[0], "--out", tmp_path / "c.safetensors"), "expected none, family or GEN=GROUP")

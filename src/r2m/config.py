@@ -172,6 +172,9 @@ class MergeConfig(Section):
     grid: dict[str, tuple[float | int | str, ...]] = {}  # overrides of the method's declared grid
     select: bool = True  # choose the grid point on the seen validation splits (else: `parameters`)
     baselines: tuple[str, ...] = ("wa", "ta", "ties", "cart")
+    # none: flat; family: specialists grouped by forgery family, each group merged, then R²M over
+    # the groups (docs/method.md, "Hierarchical merging"); or a mapping generator -> group
+    hierarchy: str | dict[str, str] = "none"
 
 
 class GateConfig(Section):

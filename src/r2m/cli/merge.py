@@ -30,6 +30,9 @@ def merge(
     form: Optional[str] = typer.Option(None, "--form", help="TA: sum|mean; TIES: official|sum; CART: sum|mean."),
     assume_theta0: bool = typer.Option(
         False, "--assume-theta0", help="Accept specialists without an r2m θ0 record (theta0_sha256) as fine-tuned from --pretrained; recorded as a waived check. A recorded hash is still checked."),
+    hierarchy: Optional[str] = typer.Option(
+        None, "--hierarchy", help="R²M only: none (flat) | family (group by each specialist's recorded forgery family) | "
+        "GEN=GROUP,GEN=GROUP,...: merge each group, then R²M over the groups (docs/method.md); default: merge.hierarchy."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)."),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bars on stderr."),
@@ -56,9 +59,26 @@ def merge(
             raise MergeError(f"{_FLAGS[name]} does not apply to method '{method}' (it takes: {', '.join(_FLAGS[h] for h in spec.hparams) or 'no options'})")
     if spec is configured.method:  # the configured method's parameters live in params.yaml (one source of truth)
         given = {**configured.parameters, **given}
+    chosen = hierarchy if hierarchy is not None else (configured.hierarchy if spec is configured.method else "none")
+    groups = None
+    if chosen != "none":
+        from r2m.merging.hierarchy import specialist_groups
+
+        if "=" in str(chosen):
+            pairs = [item.split("=", 1) for item in str(chosen).split(",") if item.strip()]
+            if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+                raise MergeError(f"--hierarchy {chosen}: expected none, family or GEN=GROUP,GEN=GROUP,...")
+            chosen = {g.strip(): grp.strip() for g, grp in pairs}
+        elif chosen != "family":
+            raise MergeError(f"--hierarchy {chosen}: expected none, family or GEN=GROUP,GEN=GROUP,...")
+        if spec.hierarchical is None:
+            raise MergeError(f"--hierarchy applies to r2m only, not to method '{method}'")
+        groups = specialist_groups(chosen, specialist)
     result, meta = merge_files(method, pretrained, specialist, out, given, device=device, progress=progress,
-                               assume_theta0=assume_theta0)
+                               assume_theta0=assume_theta0, groups=groups, level1=given if groups else None)
     d = result.diagnostics
     summary = ", ".join(f"{key} {d[key]:.4g}" for key in ("tau_bar_norm", "core_ratio", "cos_v_tau_bar", "residual_norm", "eta") if isinstance(d.get(key), float))
     hp = ", ".join(f"{key}={v}" for key, v in result.hparams.items())
+    if groups:
+        hp += "; groups " + "; ".join(f"{g}: {', '.join(m)}" for g, m in meta["hparams"]["hierarchy"]["groups"].items())
     typer.echo(f"{method}({hp}) of {len(specialist)} specialists -> {out} ({meta['merge_seconds']:.1f} s){'; ' + summary if summary else ''}")

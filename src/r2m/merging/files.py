@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from r2m.checkpoint import check_head, checkpoint_keys, file_sha256, missing_file_reason, read_meta, record_path, recorded_theta0, sidecar_path, write_json
 from r2m.errors import CheckpointError, MergeError, check_output_file
 from r2m.fileio import atomic_write
+from r2m.merging.hierarchy import Grouping
 from r2m.merging.registry import get_method
 from r2m.merging.stream import DiskScratch, SafetensorsSink, SafetensorsSource
 from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors
@@ -60,11 +61,17 @@ def merge_files(
     progress: bool = False,
     check_hashes: bool = True,
     assume_theta0: bool = False,
+    groups: Mapping[str, Sequence[int]] | None = None,
+    level1: Mapping | None = None,
+    group_cache: Path | None = None,
 ) -> tuple[MergeResult, dict]:
     """Merge specialist files into `out` (+ sidecar). Returns (result without tensors, sidecar meta).
 
     `assume_theta0` accepts specialists without a recorded θ0 hash as fine-tuned from
-    `pretrained`; the sidecar lists them under `theta0_check`."""
+    `pretrained`; the sidecar lists them under `theta0_check`. `groups` (group -> indices into
+    `specialists`) makes it the two-level merge of `r2m.merging.hierarchy` with `hparams` at
+    level 2 and `level1` (per group, or for all) inside groups of three or more; group models
+    are kept in `group_cache` when given."""
     spec = get_method(method)
     hp = spec.resolve(hparams or {})
     pretrained = Path(pretrained)
@@ -85,12 +92,21 @@ def merge_files(
     start = time.perf_counter()
     outcome: dict = {}
 
+    hierarchy = None
+    if groups is not None:
+        hierarchy = {"grouping": Grouping({g: tuple(m) for g, m in groups.items()}), "level1": dict(level1 or {}),
+                     "folder": out.parent, "cache": group_cache,
+                     "identities": [file_sha256(p) for p in specialists] if group_cache is not None else None}
+
     def write(tmp: Path) -> None:
         layout = TaskVectors(sources[0], sources[1:]).layout()
         sink = SafetensorsSink(tmp, layout, {"format": "pt", "method": method})
         try:
             runtime = Runtime(device=device, scratch=scratch, sink=sink, progress=progress)
-            outcome["result"] = spec.fn(sources[0], sources[1:], runtime=runtime, **hp)
+            if hierarchy is None:
+                outcome["result"] = spec.fn(sources[0], sources[1:], runtime=runtime, **hp)
+            else:
+                ((_, outcome["result"]),) = list(spec.run_points(sources[0], sources[1:], [hp], runtime, hierarchy))
             outcome["runtime"] = runtime
             sink.close()
         except BaseException:
@@ -113,10 +129,15 @@ def merge_files(
         meta = read_meta(path)
         inputs.append({"path": record_path(path), "sha256": file_sha256(path) if check_hashes else None, "generator": meta.get("generator"),
                        "theta0_assumed": path in assumed})
+    hparams_out = dict(result.hparams)
+    if hierarchy is not None:  # which specialists in which group, and each group's level-1 point
+        names = [i["generator"] or Path(i["path"]).name for i in inputs]
+        hparams_out["hierarchy"] = {"groups": hierarchy["grouping"].describe(names),
+                                    "level1": result.diagnostics.get("hierarchy", {}).get("level1", {})}
     sidecar = {
         "kind": "merged",
         "method": method,
-        "hparams": result.hparams,
+        "hparams": hparams_out,
         "model": theta0_meta.get("model") or read_meta(specialists[0]).get("model"),
         "theta0_sha256": theta0_sha,
         "theta0_check": {"waived_by": "--assume-theta0", "specialists": [record_path(p) for p in assumed]} if assumed

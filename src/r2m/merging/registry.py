@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from r2m.errors import ConfigError, MergeError
 from r2m.merging.cart import cart
+from r2m.merging.hierarchy import hierarchical_points
 from r2m.merging.r2m import CORES, ETA_MODES, r2m, r2m_points
 from r2m.merging.stream import DiskScratch
 from r2m.merging.ta import task_arithmetic
@@ -51,6 +52,7 @@ class MethodSpec:
     points: PointsFn | None = None  # a whole grid from one shared analysis (else one merge per point)
     scratch: bool = False  # streams through disk scratch: merge_files gives it a DiskScratch beside the output
     same_for_one: bool = False  # every grid point of one specialist is that specialist: nothing to choose
+    hierarchical: Callable | None = None  # grid points of the two-level merge over groups (None: flat only)
 
     def declared_grid(self) -> dict[str, tuple]:
         """The axes this method tunes by default, and their values."""
@@ -75,8 +77,15 @@ class MethodSpec:
         return out
 
     def run_points(self, pretrained, specialists: Sequence, points: Sequence[dict],
-                   runtime: Runtime | None = None) -> Iterator[tuple[dict, MergeResult]]:
-        """Each point's merge in memory, in `points` order, sharing work where the method can."""
+                   runtime: Runtime | None = None, hierarchy: Mapping | None = None) -> Iterator[tuple[dict, MergeResult]]:
+        """Each point's merge in memory, sharing work where the method can. `hierarchy` (keyword
+        arguments of `r2m.merging.hierarchy.hierarchical_points`: grouping, level1, cache, ...)
+        makes each point the two-level merge over groups."""
+        if hierarchy is not None:
+            if self.hierarchical is None:
+                raise MergeError(f"method '{self.name}' has no hierarchical form (R²M has)")
+            yield from self.hierarchical(pretrained, specialists, points=points, runtime=runtime, **hierarchy)
+            return
         if self.points is not None:
             yield from self.points(pretrained, specialists, points, runtime or Runtime())
             return
@@ -143,6 +152,7 @@ METHODS: dict[str, MethodSpec] = {
         points=_r2m_points,
         scratch=True,
         same_for_one=True,
+        hierarchical=hierarchical_points,
     ),
 }
 
@@ -171,6 +181,7 @@ class MergePlan:
     grid: dict[str, tuple]  # the axes selection sweeps (declared grid overridden by `merge.grid`)
     baselines: tuple[MethodSpec, ...]
     select: bool
+    hierarchy: str | dict[str, str] = "none"  # none | family | {generator: group}
 
     def points(self) -> list[dict]:
         """Every grid point, complete (fixed parameters filled in)."""
@@ -218,7 +229,12 @@ def plan(cfg) -> MergePlan:
             raise ConfigError(f"params.yaml merge.baselines: unknown method '{name}' (choose from {', '.join(METHODS)})")
         if name != spec.name:
             baselines.append(METHODS[name])
-    return MergePlan(spec, parameters, grid, tuple(baselines), cfg.select)
+    hierarchy = cfg.hierarchy
+    if hierarchy != "none" and spec.hierarchical is None:
+        raise ConfigError(f"params.yaml merge.hierarchy: method '{spec.name}' has no hierarchical form (r2m has)")
+    if isinstance(hierarchy, str) and hierarchy not in ("none", "family"):
+        raise ConfigError(f"params.yaml merge.hierarchy: {hierarchy!r} is not none, family or a mapping generator -> group")
+    return MergePlan(spec, parameters, grid, tuple(baselines), cfg.select, hierarchy)
 
 
 __all__ = ["METHODS", "HParam", "MergePlan", "MethodSpec", "get_method", "merge", "plan"]

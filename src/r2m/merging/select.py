@@ -33,8 +33,10 @@ class Selection:
     table: list[dict] = field(default_factory=list)  # one row per grid point: hparams + score
 
 
-def select(method: str, pretrained, specialists: Sequence, score: Score, *, grid: dict[str, Sequence] | None = None, fixed: dict | None = None, runtime: Runtime | None = None) -> Selection:
-    """Merge at every grid point, keep the one with the highest `score(state_dict, hparams)`."""
+def select(method: str, pretrained, specialists: Sequence, score: Score, *, grid: dict[str, Sequence] | None = None,
+           fixed: dict | None = None, runtime: Runtime | None = None, hierarchy: dict | None = None) -> Selection:
+    """Merge at every grid point, keep the one with the highest `score(state_dict, hparams)`
+    (`hierarchy`: the two-level merge's level-2 grid, see `MethodSpec.run_points`)."""
     spec = get_method(method)
     fixed = fixed or {}
     if runtime is not None and runtime.sink is not None:
@@ -42,7 +44,7 @@ def select(method: str, pretrained, specialists: Sequence, score: Score, *, grid
     points = [spec.resolve({**p, **fixed}) for p in spec.grid(grid)]
     best: tuple[float, dict, dict] | None = None
     table = []
-    for hp, result in spec.run_points(pretrained, specialists, points, runtime):
+    for hp, result in spec.run_points(pretrained, specialists, points, runtime, hierarchy):
         value = float(score(result.state_dict, hp))
         table.append({**hp, "score": value})
         if best is None or value > best[0]:

@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from r2m.checkpoint import read_meta
+from r2m.checkpoint import file_sha256, read_meta
 from r2m.config import Params
 from r2m.data import GeneratorDataset
 from r2m.evaluation.judge import judge
 from r2m.evaluation.protocol import Roles
 from r2m.evaluation.validation import ValidationScorer
+from r2m.fileio import atomic_write_json
 from r2m.merging import select
 from r2m.merging.files import merge_files
+from r2m.merging.hierarchy import Grouping, group_key, specialist_groups
 from r2m.merging.registry import plan
 from r2m.names import specialist_name
 from r2m.pipeline.specialists import Specialist
@@ -110,15 +112,61 @@ def merge_methods(params: Params, pretrained: Path, paths: Sequence[Path], seen:
     merged, selection = {}, {}
     for spec, parameters, grid in methods:
         out = folder / f"{spec.name}.safetensors"
+        hierarchy = groups = None
+        if spec is merge_plan.method and merge_plan.hierarchy != "none":
+            groups, level1 = _hierarchy(params, merge_plan, pretrained, paths, seen, grid, parameters, selection)
+            hierarchy = {"grouping": Grouping(groups), "level1": level1, "folder": folder,
+                         "cache": _group_cache(params), "identities": [file_sha256(p) for p in paths]}
         if merge_plan.select and not (spec.same_for_one and len(paths) == 1):
             scorer = scorer or ValidationScorer(params, seen)
             fixed = {k: v for k, v in parameters.items() if k not in grid}
-            chosen = select(spec.name, pretrained, paths, scorer, grid=grid, fixed=fixed)
+            chosen = select(spec.name, pretrained, paths, scorer, grid=grid, fixed=fixed, hierarchy=hierarchy)
             selection[spec.name] = chosen.table
             parameters = chosen.best_hparams
-        merge_files(spec.name, pretrained, paths, out, parameters)
+        if hierarchy is None:
+            merge_files(spec.name, pretrained, paths, out, parameters)
+        else:
+            merge_files(spec.name, pretrained, paths, out, parameters, groups=groups, level1=hierarchy["level1"],
+                        group_cache=hierarchy["cache"])
         merged[spec.name] = out
     return merged, selection
+
+
+def _group_cache(params: Params) -> Path:
+    """Where the loop keeps level-1 group models (and their chosen points) across re-merges."""
+    return params.path("artifacts") / "candidates" / "groups"
+
+
+def _hierarchy(params: Params, merge_plan, pretrained: Path, paths: Sequence[Path], seen: Sequence[GeneratorDataset],
+               grid: dict, parameters: dict, selection: dict) -> tuple[dict, dict]:
+    """The groups, and each group's level-1 point: for a group of three or more, chosen on that
+    group's own seen validation splits (kept beside its group model, so an unchanged group is not
+    chosen again when a specialist joins another group); else the configured parameters."""
+    groups = specialist_groups(merge_plan.hierarchy, paths)
+    by_name = {d.name: d for d in seen}
+    level1 = {}
+    for g, members in groups.items():
+        if len(members) < 3:
+            continue
+        if not merge_plan.select:
+            level1[g] = dict(parameters)
+            continue
+        group_paths = [paths[i] for i in members]
+        group_seen = [by_name[read_meta(p).get("generator")] for p in group_paths if read_meta(p).get("generator") in by_name]
+        fixed = {k: v for k, v in parameters.items() if k not in grid}
+        key = group_key([file_sha256(p) for p in group_paths],
+                        {"grid": {k: list(v) for k, v in grid.items()}, "fixed": fixed,
+                         "val": sorted(d.data_hash for d in group_seen)})
+        record = _group_cache(params) / f"level1-{key}.json"
+        if record.is_file():
+            level1[g] = json.loads(record.read_text())["hparams"]
+            continue
+        chosen = select(merge_plan.method.name, pretrained, group_paths, ValidationScorer(params, group_seen),
+                        grid=grid, fixed=fixed)
+        level1[g] = chosen.best_hparams
+        selection[f"{merge_plan.method.name}/level1/{g}"] = chosen.table
+        atomic_write_json(record, {"group": g, "hparams": chosen.best_hparams, "table": chosen.table})
+    return groups, level1
 
 
 def remerge(
@@ -174,7 +222,9 @@ def remerge(
         merge_params={"method": method, **(meta.get("hparams") or {}),
                       "selected_on": "seen validation" if selection else "params.yaml",
                       "baselines": {b: read_meta(p).get("hparams") for b, p in merged.items() if b != method}},
-        tags={CANDIDATE_KEY: key}, mlflow_client=client,
+        tags={CANDIDATE_KEY: key, **({"hierarchy": json.dumps(meta["hparams"]["hierarchy"]["groups"], sort_keys=True)}
+                                     if "hierarchy" in (meta.get("hparams") or {}) else {})},
+        mlflow_client=client,
     )
     gate = verdict.gate
     lineage = {s.generator: {"version": s.version, "data_hash": s.data_hash} for s in specialists}
@@ -183,6 +233,9 @@ def remerge(
                                          ARTIFACT_URI_TAG: checkpoint_uri(run_id, candidate_path.name),
                                          "hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True),
                                          CANDIDATE_KEY: key,
+                                         **({"hierarchy": json.dumps((meta.get("hparams") or {})["hierarchy"]["groups"],
+                                                                     sort_keys=True)}
+                                            if "hierarchy" in (meta.get("hparams") or {}) else {}),
                                      })
     return _from_version(client.get_model_version(registry.DETECTOR, str(mv.version)), False, params, client,
                          report=gate.as_dict())
