@@ -174,3 +174,33 @@ def test_one_specialist_step_is_that_specialist_and_chooses_nothing(project, dat
     got, want = load_checkpoint(merged["r2m"]).tensors, load_checkpoint(specialist).tensors
     assert set(got) == set(want)
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_hierarchical_loop_re_merges_only_the_new_specialists_group(project, data_root):
+    """merge.hierarchy: family in the loop: the candidate records its groups in the registry; a new
+    specialist of the FS family re-merges the FS group only (the FR group is a singleton here, the
+    FS pair's group model is written once the pair exists and found again afterwards)."""
+    import json
+
+    params = loop_params(project, merge={"select": False, "hierarchy": "family"})
+    first = run_once(params, progress=False)
+    client = mlflow_store.client(params)
+    tags = registry.get_version(client, first.candidate.version).tags
+    assert json.loads(tags["hierarchy"]) == {"FS": ["sq-ff"], "FR": ["sq2-ff"]}
+    groups = project / "artifacts" / "candidates" / "groups"
+    assert not list(groups.glob("*.safetensors"))  # singletons need no group model
+
+    add(data_root, "sq3-ff", family="FS", seed=4)
+    second = run_once(params, progress=False)
+    tags = registry.get_version(client, second.candidate.version).tags
+    assert json.loads(tags["hierarchy"]) == {"FS": ["sq-ff", "sq3-ff"], "FR": ["sq2-ff"]}
+    (pair,) = groups.glob("*.safetensors")  # the FS pair's model, with its sidecar
+    assert json.loads(pair.with_name(pair.name + ".json").read_text())["rule"] == "mean of two"
+    written = pair.stat().st_mtime_ns
+
+    add(data_root, "sq4-ff", family="FR", seed=5)
+    third = run_once(params, progress=False)
+    tags = registry.get_version(client, third.candidate.version).tags
+    assert json.loads(tags["hierarchy"]) == {"FS": ["sq-ff", "sq3-ff"], "FR": ["sq2-ff", "sq4-ff"]}
+    assert pair.stat().st_mtime_ns == written  # the unchanged FS group was not merged again
+    assert len(list(groups.glob("*.safetensors"))) == 2

@@ -88,6 +88,7 @@ def merge_files(
         check_head(checkpoint_keys(path), path)
     sources = [SafetensorsSource(p) for p in (pretrained, *specialists)]
     theta0_sha, assumed = check_theta0(pretrained, specialists, assume_theta0=assume_theta0) if check_hashes else (None, [])
+    out.parent.mkdir(parents=True, exist_ok=True)
     scratch = DiskScratch(out.parent) if spec.scratch else None
     start = time.perf_counter()
     outcome: dict = {}
@@ -114,7 +115,6 @@ def merge_files(
             raise
 
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, write)
     finally:
         if scratch is not None:

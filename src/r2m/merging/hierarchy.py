@@ -192,6 +192,8 @@ def hierarchical_points(pretrained, specialists: Sequence, grouping: Grouping, *
     """Every level-2 grid point over the same level-1 group models (one analysis at level 2)."""
     runtime = runtime or Runtime()
     level1 = level1 or {}
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     averaged = flat_means(pretrained, specialists)
     own = runtime.scratch is None
     scratch = DiskScratch(folder) if own else runtime.scratch
