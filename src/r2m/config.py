@@ -195,12 +195,14 @@ class ExportConfig(Section):
 
 
 class ServeConfig(Section):
-    """The ONNX Runtime HTTP server (SPEC section 8)."""
+    """The ONNX Runtime HTTP server (deploy/README.md). Batching is the published config.pbtxt's."""
 
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = Field(8080, ge=0, le=65535)
-    threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads
+    threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads (at most the CPUs the process may use)
     max_upload_bytes: int = Field(10_000_000, ge=1)  # /v1/detect file and /v2 JSON body limit
+    body_timeout_s: float = Field(10.0, gt=0)  # longest wait for the next body byte (then 408, connection closed)
+    min_body_bytes_per_s: int = Field(10_000, ge=0)  # after body_timeout_s, the slowest average body rate (0: off)
     poll_interval_s: float = Field(2.0, gt=0)  # how often the model repository is checked
     threshold: float = Field(0.5, ge=0, le=1)  # fake_probability >= threshold -> "fake"
 
