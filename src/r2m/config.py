@@ -178,7 +178,7 @@ class GateConfig(Section):
 
 
 class ExportConfig(Section):
-    """ONNX export and parity (SPEC section 8)."""
+    """ONNX export, parity, the int8 challenger and the published config.pbtxt (deploy/README.md)."""
 
     opset: int = Field(18, ge=18)  # torch's dynamo exporter implements opset >= 18
     exporter: Literal["dynamo", "torchscript"] = "dynamo"  # torchscript: the legacy, deprecated tracer (faster)
@@ -186,12 +186,17 @@ class ExportConfig(Section):
     parity_batch: int = Field(8, ge=2)  # random inputs in the normalised pixel range
     parity_samples: int = Field(64, ge=2)  # dataset test images scored by both (AUC must match)
     parity_auc_tolerance: float = 0.0  # 0 = identical AUC
-    int8: bool = True  # also write the dynamic-int8 challenger (kept only within tolerance)
-    int8_auc_tolerance: float = 0.01  # max |AUC_int8 - AUC_fp32| on every seen task
-    triton_max_batch_size: int = Field(32, ge=1)
+    int8: bool = True  # also write the int8 challenger (kept only within tolerance)
+    int8_auc_tolerance: float = 0.01  # max |AUC_int8 - AUC_fp32| on the test split of every seen task
+    # static: QDQ, per-channel int8 weights, activation ranges calibrated on the seen tasks'
+    # validation images; dynamic: int8 weights, activations quantised on the fly (no calibration)
+    int8_scheme: Literal["static", "dynamic"] = "static"
+    int8_calibration: Literal["minmax", "entropy", "percentile"] = "minmax"  # static: ORT's CalibrationMethod
+    int8_calibration_samples: int = Field(256, ge=2)  # seen validation images (balanced per task and class)
+    triton_max_batch_size: int = Field(32, ge=1)  # also r2m serve's largest batch (1: no batching)
     triton_instance_kind: Literal["KIND_AUTO", "KIND_GPU", "KIND_CPU"] = "KIND_AUTO"  # AUTO: GPU if present
     triton_instance_count: int = Field(1, ge=1)
-    triton_max_queue_delay_us: int = Field(1000, ge=0)
+    triton_max_queue_delay_us: int = Field(1000, ge=0)  # also r2m serve's: how long a request waits for others
 
 
 class ServeConfig(Section):
