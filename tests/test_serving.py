@@ -478,3 +478,23 @@ def test_layers_import_downwards_only():
     assert not [m for m in serving if m.split(".")[0] in banned or m.startswith("r2m.export")], serving
     assert not [m for m in runtime if m.split(".")[0] in ("torch", "torchvision", "onnx")
                 or m.startswith(("r2m.export", "r2m.serving"))], runtime
+
+
+def test_the_server_image_installs_the_serving_requirements_without_torch():
+    """deploy/requirements-serve.txt holds pyproject.toml's own requirements (no drift), none of
+    the training stack, and deploy/Dockerfile's default stage installs it and r2m with --no-deps."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    deps = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
+    lines = [line.strip() for line in (root / "deploy" / "requirements-serve.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines and set(lines) <= deps, set(lines) - deps
+    assert not [line for line in lines if line.split(">")[0].split("=")[0].lower()
+                in ("torch", "torchvision", "open_clip_torch", "timm", "onnx", "scikit-learn", "mlflow", "prefect")]
+    docker = (root / "deploy" / "Dockerfile").read_text()
+    stages = docker.split("\nFROM ")
+    serve = stages[-1]  # the last stage is what `docker build` builds by default
+    assert serve.startswith("base AS serve") and "requirements-serve.txt" in serve
+    assert "pip install --no-deps ." in serve and "download.pytorch.org" not in serve and '".[' not in serve
+    assert '"-m", "r2m.serving"' in serve
