@@ -42,7 +42,7 @@ def test_eval_transform_is_resize_and_normalise():
 
 def test_eval_transform_matches_what_the_served_model_records(params):
     from r2m.models import preprocessing
-    from r2m.serving.preprocess import Preprocessing
+    from r2m.runtime.preprocess import Preprocessing
 
     spec = preprocessing(params)
     served = Preprocessing.from_dict(spec)(photo(3))
@@ -115,3 +115,30 @@ def test_image_dataset_batches(tmp_path):
     assert x.shape == (3, SIZE, SIZE) and y == 1
     batch_x, batch_y = next(iter(DataLoader(dataset, batch_size=4)))
     assert batch_x.shape == (4, 3, SIZE, SIZE) and batch_y.tolist() == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("photo_name", ["astronaut", "chelsea", "coffee", "camera"])
+def test_server_preprocessing_equals_training_eval_transform_on_real_photos(params, photo_name):
+    """The torch-free preprocessing the server runs (numpy + PIL, from the model's metadata) gives
+    the pixels training's eval transform gives, on real photographs of every shape and mode, also
+    after the server's own decoder read them from JPEG and PNG bytes."""
+    import io
+
+    from skimage import data as photos
+
+    from r2m.data import decode_image
+    from r2m.models import preprocessing
+    from r2m.runtime.preprocess import Preprocessing
+
+    spec = preprocessing(params)
+    served, trained = Preprocessing.from_dict(spec), build_transform(False, spec["image_size"], params.train)
+    image = Image.fromarray(getattr(photos, photo_name)())  # camera is greyscale: both convert to RGB
+    for fmt in (None, "JPEG", "PNG"):
+        if fmt:
+            buf = io.BytesIO()
+            image.save(buf, format=fmt)
+            decoded = decode_image(buf.getvalue(), f"{photo_name}.{fmt.lower()}")
+        else:
+            decoded = image
+        np.testing.assert_allclose(served(decoded), trained(decoded).numpy(), atol=1e-6, rtol=0)
+        assert served(decoded).shape == (3, spec["image_size"], spec["image_size"])

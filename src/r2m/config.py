@@ -191,7 +191,7 @@ class GateConfig(Section):
 
 
 class ExportConfig(Section):
-    """ONNX export and parity (SPEC section 8)."""
+    """ONNX export, parity, the int8 challenger and the published config.pbtxt (deploy/README.md)."""
 
     opset: int = Field(18, ge=18)  # torch's dynamo exporter implements opset >= 18
     exporter: Literal["dynamo", "torchscript"] = "dynamo"  # torchscript: the legacy, deprecated tracer (faster)
@@ -199,21 +199,28 @@ class ExportConfig(Section):
     parity_batch: int = Field(8, ge=2)  # random inputs in the normalised pixel range
     parity_samples: int = Field(64, ge=2)  # dataset test images scored by both (AUC must match)
     parity_auc_tolerance: float = 0.0  # 0 = identical AUC
-    int8: bool = True  # also write the dynamic-int8 challenger (kept only within tolerance)
-    int8_auc_tolerance: float = 0.01  # max |AUC_int8 - AUC_fp32| on every seen task
-    triton_max_batch_size: int = Field(32, ge=1)
+    int8: bool = True  # also write the int8 challenger (kept only within tolerance)
+    int8_auc_tolerance: float = 0.01  # max |AUC_int8 - AUC_fp32| on the test split of every seen task
+    # static: QDQ, per-channel int8 weights, activation ranges calibrated on the seen tasks'
+    # validation images; dynamic: int8 weights, activations quantised on the fly (no calibration)
+    int8_scheme: Literal["static", "dynamic"] = "static"
+    int8_calibration: Literal["minmax", "entropy", "percentile"] = "minmax"  # static: ORT's CalibrationMethod
+    int8_calibration_samples: int = Field(256, ge=2)  # seen validation images (balanced per task and class)
+    triton_max_batch_size: int = Field(32, ge=1)  # also r2m serve's largest batch (1: no batching)
     triton_instance_kind: Literal["KIND_AUTO", "KIND_GPU", "KIND_CPU"] = "KIND_AUTO"  # AUTO: GPU if present
     triton_instance_count: int = Field(1, ge=1)
-    triton_max_queue_delay_us: int = Field(1000, ge=0)
+    triton_max_queue_delay_us: int = Field(1000, ge=0)  # also r2m serve's: how long a request waits for others
 
 
 class ServeConfig(Section):
-    """The ONNX Runtime HTTP server (SPEC section 8)."""
+    """The ONNX Runtime HTTP server (deploy/README.md). Batching is the published config.pbtxt's."""
 
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = Field(8080, ge=0, le=65535)
-    threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads
+    threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads (at most the CPUs the process may use)
     max_upload_bytes: int = Field(10_000_000, ge=1)  # /v1/detect file and /v2 JSON body limit
+    body_timeout_s: float = Field(10.0, gt=0)  # longest wait for the next body byte (then 408, connection closed)
+    min_body_bytes_per_s: int = Field(10_000, ge=0)  # after body_timeout_s, the slowest average body rate (0: off)
     poll_interval_s: float = Field(2.0, gt=0)  # how often the model repository is checked
     threshold: float = Field(0.5, ge=0, le=1)  # fake_probability >= threshold -> "fake"
 

@@ -1,4 +1,4 @@
-"""`r2m export` / `r2m publish`: ONNX export with parity, and publishing to the model repository (issue 6)."""
+"""`r2m export` / `r2m publish`: ONNX export with parity, and publishing to the model repository (deploy/README.md)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def export(
     dataset: Optional[list[Path]] = typer.Option(
         None, "--dataset", help="Generator dataset folder for the AUC parity check (repeat for each seen task)."),
     int8: Optional[bool] = typer.Option(
-        None, "--int8/--no-int8", help="Also write the dynamic-int8 challenger (default: export.int8)."),
+        None, "--int8/--no-int8", help="Also write the int8 challenger, kept only within export.int8_auc_tolerance "
+                                       "of fp32 on every --dataset's test split (scheme: export.int8_scheme; "
+                                       "default: export.int8)."),
     model_version: Optional[str] = typer.Option(None, "--model-version", help="Version recorded in the lineage."),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml to read (default: the project's)."),
 ) -> None:

@@ -30,7 +30,7 @@ def run(
     the watcher flow (README "Training on a work pool").
     """
     from r2m.config import load_params
-    from r2m.export.runtime import import_onnxruntime
+    from r2m.runtime.session import import_onnxruntime
 
     import_onnxruntime()  # the release step needs it: say so before hours of training, not after
     from r2m.pipeline import run_once

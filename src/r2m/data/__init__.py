@@ -1,16 +1,19 @@
-"""The data contract (SPEC section 3): manifests, discovery, validation, splits, DeepfakeBench
-import, transforms (DF40 recipe) and the torch dataset. See docs/architecture.md, "Data contract".
+"""The data contract: manifests, discovery, validation, splits, DeepfakeBench import, image
+decoding, transforms (DF40 recipe) and the torch dataset. See docs/architecture.md, "Data contract".
 
-The torch-based names (`ImageDataset`, `build_transform`, `to_pixel_array`) load on first use, so
-discovery and validation (the watcher, `r2m validate`) start without importing torch.
+Importing this package never imports torch: the torch-based names (`ImageDataset`,
+`build_transform`) load on first use (PEP 562 `__getattr__`), so discovery and validation (the
+watcher, `r2m validate`) and the ONNX server (`decode_image`, `to_pixel_array` from
+`r2m.data.pixels`) start without it.
 """
 
 from importlib import import_module
 
 from r2m.data.deepfakebench import DEEPFAKEBENCH_LABEL_DICT, import_deepfakebench, read_deepfakebench_json
-from r2m.data.generator import FAKE, REAL, GeneratorDataset, Sample
+from r2m.data.generator import FAKE, REAL, GeneratorDataset, Sample, balanced_sample
 from r2m.data.images import decode_image, load_image
 from r2m.data.manifest import MANIFEST_NAME, GeneratorManifest, SampleEntry, discover_datasets, load_manifest
+from r2m.data.pixels import to_pixel_array
 from r2m.data.splits import SPLITS, assign_splits, group_of
 from r2m.data.validate import quarantine, validate_data_root, validate_dataset
 
@@ -26,6 +29,7 @@ __all__ = [
     "Sample",
     "SampleEntry",
     "assign_splits",
+    "balanced_sample",
     "build_transform",
     "decode_image",
     "discover_datasets",
@@ -40,7 +44,7 @@ __all__ = [
     "validate_dataset",
 ]
 
-_LAZY = {"ImageDataset": "r2m.data.dataset", "build_transform": "r2m.data.transforms", "to_pixel_array": "r2m.data.transforms"}
+_LAZY = {"ImageDataset": "r2m.data.dataset", "build_transform": "r2m.data.transforms"}  # these import torch
 
 
 def __getattr__(name: str):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from r2m.data.manifest import GeneratorManifest
 from r2m.data.splits import SPLITS
@@ -56,3 +59,15 @@ class GeneratorDataset:
     def is_seen(self) -> bool:
         """Seen datasets train specialists; unseen ones are evaluation-only (paper Protocol 3)."""
         return self.role == "seen"
+
+
+def balanced_sample(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """Up to `n` of `samples`, half real and half fake (deterministic for a seed), so an AUC on
+    them is defined: the export's parity sample and the int8 calibration images."""
+    rng = np.random.default_rng(seed)
+    picked: list[Sample] = []
+    for label in (REAL, FAKE):
+        pool = sorted((s for s in samples if s.label == label), key=lambda s: str(s.path))
+        take = min(len(pool), n // 2)
+        picked += [pool[i] for i in sorted(rng.choice(len(pool), size=take, replace=False))] if take else []
+    return picked

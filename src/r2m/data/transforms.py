@@ -1,4 +1,4 @@
-"""Image transforms: the DF40 training recipe (paper B.2, SPEC section 4) and the eval transform.
+"""Image transforms: the DF40 training recipe (paper B.2) and the eval transform.
 
 Training, as DF40's data loader does it: resize to the model's input size, then h-flip, rotate
 ±10°, Gaussian blur with an odd kernel in 3-7, brightness and contrast ±0.1 and a JPEG re-encode
@@ -6,44 +6,25 @@ at quality 40-100, each applied with its own probability from `train.augment`; t
 tensor normalised by the recipe's mean/std. Every random draw comes from torch's global RNG, so
 a seeded run (and DataLoader workers seeded by torch) is deterministic.
 
-Evaluation and serving: resize + normalise only (`to_pixel_array` is the one implementation,
-numpy-only so the ONNX server needs no torch).
+Evaluation and serving: resize + normalise only. The resize and the numpy eval transform live in
+`r2m.data.pixels` (numpy and PIL, no torch: the ONNX server's preprocessing); this module
+re-exports them, and its eval transform resizes with the same function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from r2m.config import AugmentConfig, TrainConfig
+from r2m.data.pixels import INTERPOLATION, resize_square, to_pixel_array
 
-INTERPOLATION = "bilinear"  # must equal r2m.models.preprocessing()["interpolation"] (the served model)
-_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-
-
-def resize_square(image: Image.Image, image_size: int, interpolation: str = INTERPOLATION) -> Image.Image:
-    """Resize to image_size × image_size (no crop, as DF40), with PIL's antialiasing filter."""
-    if image.size == (image_size, image_size):
-        return image
-    return image.resize((image_size, image_size), _PIL_FILTERS[interpolation])
-
-
-def to_pixel_array(
-    image: Image.Image,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = INTERPOLATION,
-) -> np.ndarray:
-    """Eval preprocessing of one RGB image: float32 [3, H, W], (x/255 − mean)/std."""
-    pixels = np.asarray(resize_square(image.convert("RGB"), image_size, interpolation), dtype=np.float32) / 255.0
-    pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+__all__ = ["INTERPOLATION", "OddKernelGaussianBlur", "build_transform", "df40_augmentations", "resize_square",
+           "to_pixel_array"]
 
 
 class _ResizeSquare(torch.nn.Module):

@@ -1,8 +1,7 @@
-"""What an exported r2m model carries besides its weights: I/O names, metadata, checks.
+"""The r2m metadata of an exported file, write side and file checks (pure `onnx`, no torch).
 
-Pure `onnx` (no torch), so the server and the publisher can read it cheaply. Keys:
-`r2m.preprocessing` (JSON eval transform), `r2m.lineage` (JSON: model version, generators
-covered, gate metrics, checkpoint sha256, ...), `r2m.precision` (fp32 | int8), `r2m.labels`.
+The names and the parsing are `r2m.runtime.metadata` (what the server reads); this module sets
+them on a model, reads them from a file without loading its weights, and checks files.
 """
 
 from __future__ import annotations
@@ -13,14 +12,12 @@ from pathlib import Path
 import onnx
 
 from r2m.errors import ExportError
+from r2m.runtime.metadata import (INPUT, LABELS, META_LABELS, META_LINEAGE, META_PRECISION, META_PREPROCESSING,
+                                  META_QUANTIZATION, OUTPUTS, parse_metadata)
 
-INPUT = "pixel_values"
-OUTPUTS = ("logits", "fake_probability")
-META_PREPROCESSING = "r2m.preprocessing"
-META_LINEAGE = "r2m.lineage"
-META_PRECISION = "r2m.precision"
-META_LABELS = "r2m.labels"
-LABELS = ("real", "fake")  # logit index -> label
+__all__ = ["INPUT", "LABELS", "META_LABELS", "META_LINEAGE", "META_PRECISION", "META_PREPROCESSING",
+           "META_QUANTIZATION", "OUTPUTS", "check_model", "io_signature", "metadata_entries", "parse_metadata",
+           "read_metadata", "set_metadata"]
 
 
 def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
@@ -40,22 +37,6 @@ def metadata_entries(preprocessing: dict, lineage: dict, precision: str = "fp32"
         META_PRECISION: precision,
         META_LABELS: json.dumps(list(LABELS)),
     }
-
-
-def parse_metadata(props: dict[str, str], source: Path | str = "<model>") -> dict:
-    """{"preprocessing", "lineage", "precision", "labels"} from raw metadata_props."""
-    missing = [k for k in (META_PREPROCESSING, META_LINEAGE) if k not in props]
-    if missing:
-        raise ExportError(f"{source}: ONNX metadata lacks '{missing[0]}' (not exported by r2m export?)")
-    try:
-        return {
-            "preprocessing": json.loads(props[META_PREPROCESSING]),
-            "lineage": json.loads(props[META_LINEAGE]),
-            "precision": props.get(META_PRECISION, "fp32"),
-            "labels": json.loads(props.get(META_LABELS, json.dumps(list(LABELS)))),
-        }
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{source}: ONNX metadata is not valid JSON: {err}") from None
 
 
 def read_metadata(path: Path | str) -> dict:
@@ -81,9 +62,10 @@ def io_signature(path: Path | str) -> dict:
     return {"inputs": describe(inputs), "outputs": describe(model.graph.output)}
 
 
-def check_model(path: Path | str) -> None:
-    """`onnx.checker` full check (shape inference included); `ExportError` naming the file."""
+def check_model(path: Path | str, name: Path | str | None = None) -> None:
+    """`onnx.checker` full check (shape inference included); `ExportError` naming `name` (default:
+    the file checked, e.g. the final path of a temporary file being written)."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise ExportError(f"{path}: onnx.checker failed: {err}") from None
+        raise ExportError(f"{name or path}: onnx.checker failed: {err}") from None

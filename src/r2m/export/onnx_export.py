@@ -1,4 +1,4 @@
-"""ONNX export of the merged detector, with its metadata and the parity check (SPEC section 8).
+"""ONNX export of the merged detector, with its metadata and the parity check (deploy/README.md, "The model").
 
 One graph: merged backbone + averaged head, input `pixel_values` [B, 3, H, W] float32 with a
 dynamic batch, outputs `logits` [B, 2] and `fake_probability` [B] = softmax(logits)[:, 1].
@@ -8,18 +8,17 @@ generators covered, gate metrics, checkpoint sha256) travel inside the file as O
 
 Every export is checked: `onnx.checker` (full check), then ONNX Runtime against torch on a
 random batch (max |Δlogit| <= `export.parity_atol`) and, given datasets, on a sample of each
-test split (AUC equal within `export.parity_auc_tolerance`). A failed check leaves no file.
+test split (AUC equal within `export.parity_auc_tolerance`). A failed check leaves no file. The
+JSON report beside the file names files relative to the project root when they lie inside it.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -28,10 +27,12 @@ from torch import nn
 
 from r2m.checkpoint import file_sha256, read_meta
 from r2m.config import ExportConfig, ModelConfig, Params
+from r2m.data import balanced_sample
 from r2m.errors import ExportError, check_output_file
+from r2m.evaluation.metrics import auc
 from r2m.export.metadata import INPUT, OUTPUTS, check_model, metadata_entries, set_metadata
-from r2m.serving.model_store import open_session, ort
-
+from r2m.fileio import atomic_write, atomic_write_json
+from r2m.runtime.session import open_session
 
 
 class ScoringGraph(nn.Module):
@@ -67,17 +68,37 @@ class ExportResult:
     parity: list[TaskParity] = field(default_factory=list)
     int8_path: Path | None = None
     int8_sha256: str | None = None
-    int8_auc: dict[str, float] = field(default_factory=dict)
+    int8_recipe: dict = field(default_factory=dict)  # the scheme (and calibration) tried; `Int8Recipe.describe()`
+    int8_auc: dict[str, float] = field(default_factory=dict)  # seen task -> int8 AUC on its test split
+    int8_fp32_auc: dict[str, float] = field(default_factory=dict)  # ... and the fp32 file's on the same images
     int8_kept: bool | None = None  # None: not attempted
     int8_reason: str = ""
     lineage: dict = field(default_factory=dict)
     preprocessing: dict = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
+    @property
+    def int8_delta_auc(self) -> dict[str, float]:
+        """AUC_int8 − AUC_fp32 per seen task."""
+        return {t: self.int8_auc[t] - self.int8_fp32_auc[t] for t in self.int8_auc if t in self.int8_fp32_auc}
+
+    def as_dict(self, root: Path | str | None = None) -> dict:
+        """JSON-ready; paths relative to `root` (the project root) when they lie inside it."""
         data = asdict(self)
-        data["onnx_path"] = str(self.onnx_path)
-        data["int8_path"] = str(self.int8_path) if self.int8_path else None
+        data["onnx_path"] = project_relative(self.onnx_path, root)
+        data["int8_path"] = project_relative(self.int8_path, root) if self.int8_path else None
+        data["int8_delta_auc"] = self.int8_delta_auc
         return data
+
+
+def project_relative(path: Path | str, root: Path | str | None) -> str:
+    """`path` relative to the project `root` when it lies inside it, else absolute."""
+    path = Path(path).resolve()
+    if root is not None:
+        try:
+            return str(path.relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    return str(path)
 
 
 # ---------------------------------------------------------------- lineage
@@ -110,13 +131,6 @@ def lineage_from_meta(meta: dict, checkpoint_sha256: str, model_version: str | N
 # ---------------------------------------------------------------- export
 
 
-def _atomic_target(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def trace_to_onnx(graph: nn.Module, example: torch.Tensor, opset: int, exporter: str = "dynamo") -> onnx.ModelProto:
     """torch -> ONNX with a dynamic batch. `dynamo`: torch.export-based (torch's default since 2.9);
     `torchscript`: the legacy tracer, deprecated but ~10x faster to export on CPU."""
@@ -139,7 +153,7 @@ def export_graph(detector: nn.Module, out: Path | str, image_size: int, preproce
                  opset: int = 18, exporter: str = "dynamo") -> Path:
     """Trace `detector` + softmax (dynamic batch), add metadata, check, save.
 
-    Written to a temp file and renamed, so `out` is either absent or a complete, checked model.
+    Written atomically (`r2m.fileio`), so `out` is either absent or a complete, checked model.
     """
     out = Path(out)
     graph = ScoringGraph(detector.cpu().eval()).eval()
@@ -151,14 +165,12 @@ def export_graph(detector: nn.Module, out: Path | str, image_size: int, preproce
     model.producer_name = "r2m"
     model.doc_string = "r2m deepfake detector: pixel_values -> logits [B,2], fake_probability [B]"
     set_metadata(model, metadata_entries(preprocessing, lineage))
-    tmp = _atomic_target(out)
-    try:
+
+    def write(tmp: Path) -> None:
         onnx.save(model, str(tmp))
-        check_model(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+        check_model(tmp, out)
+
+    return atomic_write(out, write)
 
 
 # ---------------------------------------------------------------- parity
@@ -179,12 +191,12 @@ def torch_logits(detector: nn.Module, x: torch.Tensor, batch_size: int = 32) -> 
     return torch.cat([detector(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 
-def onnx_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def onnx_logits(session: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate([session.run([OUTPUTS[0]], {INPUT: x[i : i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
 
 
-def check_logit_parity(session: ort.InferenceSession, detector: nn.Module, x: torch.Tensor, atol: float,
+def check_logit_parity(session: Any, detector: nn.Module, x: torch.Tensor, atol: float,
                        source: Path | str) -> float:
     """max |Δlogit| between ONNX Runtime and torch on `x`; `ExportError` above `atol`."""
     diff = float(np.abs(onnx_logits(session, x.numpy()) - torch_logits(detector, x)).max())
@@ -195,30 +207,13 @@ def check_logit_parity(session: ort.InferenceSession, detector: nn.Module, x: to
     return diff
 
 
-def parity_sample(samples: Sequence, n: int, seed: int = 0) -> list:
-    """Up to n test samples, half real and half fake (deterministic), so the AUC is defined."""
-    rng = np.random.default_rng(seed)
-    picked = []
-    for label in (0, 1):
-        pool = sorted((s for s in samples if s.label == label), key=lambda s: str(s.path))
-        take = min(len(pool), n // 2)
-        picked += [pool[i] for i in sorted(rng.choice(len(pool), size=take, replace=False))] if take else []
-    return picked
-
-
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores))
-
-
 def softmax_fake(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e[:, 1] / e.sum(axis=1)
 
 
-def check_task_parity(session: ort.InferenceSession, detector: nn.Module, task: str, samples: Sequence,
+def check_task_parity(session: Any, detector: nn.Module, task: str, samples: Sequence,
                       train_transform, serve_preprocess, cfg: ExportConfig, source: Path | str) -> TaskParity:
     """Torch on training's eval transform vs ONNX Runtime on the server's preprocessing.
 
@@ -226,7 +221,7 @@ def check_task_parity(session: ort.InferenceSession, detector: nn.Module, task: 
     """
     from r2m.data import load_image
 
-    sample = parity_sample(samples, cfg.parity_samples)
+    sample = balanced_sample(samples, cfg.parity_samples)
     labels = np.array([s.label for s in sample])
     if len(set(labels.tolist())) < 2:
         raise ExportError(f"{source}: parity needs real and fake test images; task '{task}' has one class only")
@@ -236,7 +231,7 @@ def check_task_parity(session: ort.InferenceSession, detector: nn.Module, task: 
     logits_torch = torch_logits(detector, x_torch)
     logits_onnx = onnx_logits(session, x_onnx)
     diff = float(np.abs(logits_onnx - logits_torch).max())
-    auc_t, auc_o = _auc(labels, softmax_fake(logits_torch)), _auc(labels, softmax_fake(logits_onnx))
+    auc_t, auc_o = auc(labels, softmax_fake(logits_torch), task), auc(labels, softmax_fake(logits_onnx), task)
     if abs(auc_t - auc_o) > cfg.parity_auc_tolerance + 1e-12 or diff > cfg.parity_atol:
         raise ExportError(
             f"{source}: parity failed on task '{task}' ({len(sample)} test images): AUC torch {auc_t:.6f} "
@@ -266,7 +261,7 @@ def export_checkpoint(model_path: Path | str, out: Path | str, params: Params, d
     from r2m.data import build_transform
     from r2m.export.quantize import int8_challenger
     from r2m.models import load_detector
-    from r2m.serving.preprocess import Preprocessing
+    from r2m.runtime.preprocess import Preprocessing
 
     model_path, out = Path(model_path), check_output_file(out, ExportError)
     cfg = params.export
@@ -296,9 +291,7 @@ def export_checkpoint(model_path: Path | str, out: Path | str, params: Params, d
         raise
     if int8:
         int8_challenger(result, [ds for ds in datasets if ds.is_seen], cfg, threads)
-    from r2m.checkpoint import write_json
-
-    write_json(report_path(out), result.as_dict())
+    atomic_write_json(report_path(out), result.as_dict(params.root))
     return result
 
 

@@ -1,4 +1,4 @@
-"""Publishing to a model repository in Triton's layout (SPEC sections 8, 10).
+"""Publishing to a model repository in Triton's layout (the write side; reading it: `r2m.runtime.repository`).
 
 ```
 <repository>/r2m_detector/config.pbtxt        generated from the ONNX file's real I/O
@@ -12,7 +12,9 @@ Which version is served is said by config.pbtxt itself, in Triton's own terms:
 `version_policy: { specific: { versions: [ N ] } }`. Publishing points it at the new version
 once that version is in place; `point_serving` points it at an older one (a rollback), so
 what is served follows the registry's `champion` both ways, for Triton (poll mode) and for
-`r2m serve` alike. The config is rewritten atomically (temp file + rename).
+`r2m serve` alike. The config is rewritten atomically (`r2m.fileio`). Its `max_batch_size`
+and `dynamic_batching { max_queue_delay_microseconds }` (from `export.triton_max_batch_size`,
+`export.triton_max_queue_delay_us`) tell Triton and `r2m serve` alike how to batch requests.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from pathlib import Path
 from r2m.config import ExportConfig
 from r2m.errors import ExportError, check_output_file
 from r2m.export.metadata import check_model, io_signature, read_metadata
+from r2m.fileio import atomic_write, atomic_write_text
+from r2m.runtime.repository import (CONFIG_FILE, MODEL_FILE, MODEL_NAME, latest_version, list_versions, model_dir,
+                                    served_version)
 
-MODEL_NAME = "r2m_detector"
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.pbtxt"
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "MODEL_NAME", "PublishedVersion", "latest_version", "list_versions",
+           "model_dir", "point_serving", "publish", "served_version", "triton_config", "version_policy"]
+
 TRITON_DTYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32",
                  "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL"}
 
@@ -40,24 +45,6 @@ class PublishedVersion:
     name: str
     version: int
     path: Path  # <repository>/<name>/<version>/model.onnx
-
-
-def model_dir(repository: Path | str, name: str = MODEL_NAME) -> Path:
-    return Path(repository) / name
-
-
-def list_versions(repository: Path | str, name: str = MODEL_NAME) -> list[int]:
-    """Complete published versions, ascending (integer folders holding model.onnx)."""
-    folder = model_dir(repository, name)
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir()
-                  if p.name.isdigit() and p.is_dir() and (p / MODEL_FILE).is_file())
-
-
-def latest_version(repository: Path | str, name: str = MODEL_NAME) -> int | None:
-    versions = list_versions(repository, name)
-    return versions[-1] if versions else None
 
 
 def _dims(shape: list[int], batched: bool, where: str) -> tuple[list[int], bool]:
@@ -84,7 +71,6 @@ def _tensor_block(io: dict, batched: bool, where: str) -> str:
 
 
 _POLICY = re.compile(r"^version_policy\s*:.*$", re.M)
-_SPECIFIC = re.compile(r"^version_policy\s*:\s*\{\s*specific\s*:\s*\{\s*versions\s*:\s*\[\s*(\d+)\s*\]", re.M)
 
 
 def version_policy(version: int | None) -> str:
@@ -92,16 +78,6 @@ def version_policy(version: int | None) -> str:
     if version is None:
         return "version_policy: { latest: { num_versions: 1 } }"
     return f"version_policy: {{ specific: {{ versions: [ {int(version)} ] }} }}"
-
-
-def served_version(repository: Path | str, name: str = MODEL_NAME) -> int | None:
-    """The version config.pbtxt names to serve, or None (no config, or Triton's `latest` policy)."""
-    path = model_dir(repository, name) / CONFIG_FILE
-    try:
-        match = _SPECIFIC.search(path.read_text())
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
 
 
 def point_serving(repository: Path | str, version: int, name: str = MODEL_NAME) -> None:
@@ -116,7 +92,7 @@ def point_serving(repository: Path | str, version: int, name: str = MODEL_NAME) 
     text = path.read_text()
     line = version_policy(version)
     text = _POLICY.sub(line, text, count=1) if _POLICY.search(text) else text.rstrip("\n") + f"\n{line}\n"
-    _write_atomic(path, text)
+    atomic_write_text(path, text)
 
 
 def triton_config(onnx_path: Path | str, cfg: ExportConfig, name: str = MODEL_NAME,
@@ -149,15 +125,6 @@ def triton_config(onnx_path: Path | str, cfg: ExportConfig, name: str = MODEL_NA
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, name: str = MODEL_NAME,
             instance_kind: str | None = None, attempts: int = 5, serve: bool = True) -> PublishedVersion:
     """Copy a checked ONNX file into the repository as the next integer version, atomically,
@@ -174,10 +141,8 @@ def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, na
     triton_config(onnx_path, cfg, name, instance_kind)  # refuses I/O Triton cannot describe, before copying
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".publish-"))
     try:
-        with open(onnx_path, "rb") as src, open(staging / MODEL_FILE, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
+        # the file is whole and fsynced (with the umask's permissions) before its folder is renamed into place
+        atomic_write(staging / MODEL_FILE, lambda tmp: shutil.copyfile(onnx_path, tmp))
         os.chmod(staging, 0o755)
         for _ in range(attempts):
             taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
@@ -189,7 +154,7 @@ def publish(onnx_path: Path | str, repository: Path | str, cfg: ExportConfig, na
                     raise
                 continue
             if serve or not (folder / CONFIG_FILE).is_file():
-                _write_atomic(folder / CONFIG_FILE, triton_config(onnx_path, cfg, name, instance_kind, version))
+                atomic_write_text(folder / CONFIG_FILE, triton_config(onnx_path, cfg, name, instance_kind, version))
             return PublishedVersion(name, version, folder / str(version) / MODEL_FILE)
         raise ExportError(f"{folder}: could not claim a new version after {attempts} attempts")
     finally:

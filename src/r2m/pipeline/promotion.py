@@ -67,7 +67,7 @@ def export_candidate(params: Params, checkpoint: Path, checkpoint_sha256: str, v
     if done is None:
         result: ExportResult = export_checkpoint(checkpoint, out, params, datasets=list(seen),
                                                  model_version=version, lineage_extra=lineage)
-        done = result.as_dict()
+        done = result.as_dict(params.root)
     return done
 
 
@@ -168,7 +168,7 @@ def release(params: Params, client, version: str, checkpoint: Path, checkpoint_s
             seen: Sequence[GeneratorDataset], lineage: dict | None = None) -> Release:
     """Export, promote, publish and serve detector `version` (its gate passed)."""
     export = export_candidate(params, checkpoint, checkpoint_sha256, version, seen, lineage or {})
-    onnx_path = Path(export["onnx_path"])
+    onnx_path = params.root / export["onnx_path"]  # the report names it relative to the project root
     run_id = registry.get_version(client, version).run_id
     registry.tag_export(client, version, export["sha256"], onnx_uri=log_onnx(client, run_id, onnx_path),
                         int8_kept=str(export.get("int8_kept")))

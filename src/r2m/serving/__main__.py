@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", default=None, help="model repository (default: paths.model_repository)")
     parser.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads, at most the usable CPUs (default: serve.threads)")
     args = parser.parse_args(argv)
     try:
         run_server(load_params(), args.repository, args.host, args.port, args.threads)

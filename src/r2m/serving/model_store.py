@@ -1,14 +1,15 @@
-"""The served model and its hot reload (SPEC section 8).
+"""The served model and its hot reload (deploy/README.md, "Run it").
 
 `ModelStore` holds one `LoadedModel` (an ONNX Runtime session + what its metadata says). A
 poller checks the repository every `serve.poll_interval_s`; when the version to serve differs
 from the served one, it loads the new session *beside* the old one and swaps a single
 reference. The version to serve is the one config.pbtxt's `version_policy: { specific: ... }`
 names (publishing points it at the new version, a rollback at the restored champion's; see
-`r2m.export.publish`), else the newest complete version. A request reads that reference
+`r2m.runtime.repository`), else the newest complete version. A request reads that reference
 once and keeps its `LoadedModel` to the end, so requests in flight finish on the old session,
 which is freed when the last of them drops it. A version that fails to load is logged, skipped
-and the current one keeps serving.
+and the current one keeps serving. Each loaded version also carries the batching its
+config.pbtxt declares (`BatchPolicy`), read when it is loaded.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from r2m.export.metadata import parse_metadata
-from r2m.export.publish import MODEL_FILE, MODEL_NAME, list_versions, model_dir, served_version
-from r2m.export.runtime import import_onnxruntime
-from r2m.serving.preprocess import Preprocessing
+from r2m.runtime.metadata import parse_metadata
+from r2m.runtime.preprocess import Preprocessing
+from r2m.runtime.repository import (MODEL_FILE, MODEL_NAME, BatchPolicy, batch_policy, list_versions, model_dir,
+                                    served_version)
+from r2m.runtime.session import import_onnxruntime, open_session
 
 ort = import_onnxruntime()  # a one-line error naming the extras when it is missing
 
@@ -30,18 +32,6 @@ log = logging.getLogger("r2m.serving")
 
 OIP_DATATYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64",
                  "tensor(int32)": "INT32", "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL"}
-
-
-def open_session(path: Path | str, threads: int = 1, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session: CUDA provider when available, else CPU; `threads` intra-op threads."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if providers is None:
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
 def _describe(args) -> list[dict]:
@@ -61,15 +51,21 @@ class LoadedModel:
     metadata: dict  # {"preprocessing", "lineage", "precision", "labels"}
     inputs: list[dict]  # OIP tensor metadata: name, datatype, shape (-1 = dynamic)
     outputs: list[dict]
+    batching: BatchPolicy = BatchPolicy()  # from config.pbtxt when this version was loaded
 
     @property
     def input_name(self) -> str:
         return self.inputs[0]["name"]
 
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
 
 def load_version(repository: Path | str, version: int, threads: int = 1, name: str = MODEL_NAME,
                  providers: Sequence[str] | None = None) -> LoadedModel:
-    """Open `<repository>/<name>/<version>/model.onnx` and read its r2m metadata."""
+    """Open `<repository>/<name>/<version>/model.onnx`, read its r2m metadata and the batching
+    config.pbtxt declares."""
     path = model_dir(repository, name) / str(version) / MODEL_FILE
     session = open_session(path, threads, providers)
     metadata = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
@@ -77,7 +73,7 @@ def load_version(repository: Path | str, version: int, threads: int = 1, name: s
     if len(inputs) != 1 or len(inputs[0]["shape"]) != 4:
         raise ValueError(f"{path}: expected one input [B, 3, H, W], got {inputs}")
     return LoadedModel(name, version, path, session, Preprocessing.from_dict(metadata["preprocessing"]),
-                       metadata, inputs, outputs)
+                       metadata, inputs, outputs, batch_policy(repository, name))
 
 
 class ModelStore:

@@ -1,4 +1,4 @@
-"""Run the HTTP server with uvicorn: one process, ONNX Runtime threads from `serve.threads`."""
+"""Run the HTTP server with uvicorn: one process, ONNX Runtime threads from `serve.threads` (at most the usable CPUs)."""
 
 from __future__ import annotations
 
