@@ -547,9 +547,9 @@ def markdown(report: dict) -> str:
 
 
 def _relative(path, root: Path) -> str | None:
-    from r2m.export.onnx_export import project_relative
+    from r2m.config import record_path
 
-    return project_relative(path, root) if path else None
+    return record_path(path, root) if path else None
 
 
 def main() -> None:

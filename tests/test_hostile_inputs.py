@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from typer.testing import CliRunner
 
-from r2m.checkpoint import file_sha256, read_meta, save_checkpoint, sidecar_path
+from r2m.checkpoint import file_sha256, read_meta, save_checkpoint
 from r2m.cli import app
 from r2m.config import ModelConfig, load_params
 from r2m.models import build_detector, ensure_pretrained

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from r2m.merging import cart, r2m, ties, weight_average

@@ -9,7 +9,6 @@ from r2m.errors import MergeError
 from r2m.merging import (
     METHODS,
     DictSink,
-    DictSource,
     Runtime,
     SafetensorsSink,
     SafetensorsSource,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from r2m.config import record_path, recorded_path  # noqa: F401  (where sidecars say paths: the one implementation)
 from r2m.errors import CheckpointError
 from r2m.fileio import atomic_write, atomic_write_json
 
@@ -104,28 +104,6 @@ def recorded_theta0(path: Path | str) -> str | None:
         raise CheckpointError(sidecar_path(path), f"'theta0_sha256' is {shown[:40]} ({type(claimed).__name__}), "
                                                   "not the sha256 hex string of a θ0 file")
     return claimed
-
-
-def record_path(path: Path | str, root: Path | str | None = None) -> str:
-    """`path` as a sidecar records it: relative to the project root (`root`, default
-    `r2m.config.project_root()`) when it lies inside it, else absolute."""
-    from r2m.config import project_root
-
-    base = Path(root) if root is not None else project_root()
-    absolute = Path(os.path.abspath(path))
-    try:
-        return absolute.relative_to(Path(os.path.abspath(base))).as_posix()
-    except ValueError:
-        return str(absolute)
-
-
-def recorded_path(value: str, root: Path | str | None = None) -> Path:
-    """A path a sidecar recorded, as a usable path: a relative entry is under the project root
-    (`root`, default `r2m.config.project_root()`), an absolute one (older sidecars) is as it is."""
-    from r2m.config import project_root
-
-    path = Path(value)
-    return path if path.is_absolute() else (Path(root) if root is not None else project_root()) / path
 
 
 def read_meta(path: Path | str) -> dict:

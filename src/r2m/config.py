@@ -267,12 +267,9 @@ class Params(Section):
         return p if p.is_absolute() else (self.root / p)
 
     def relative(self, path: Path | str) -> str:
-        """`path` relative to the project root when it lies inside it (what artifacts record, so a
-        moved project still resolves them), else as given."""
-        try:
-            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        """`path` as artifacts record it: relative to this project's root when it lies inside it
+        (a moved project still resolves it), else absolute (`record_path`)."""
+        return record_path(path, self.root)
 
     @property
     def tracking_uri(self) -> str:
@@ -308,6 +305,24 @@ def project_root() -> Path:
         if (folder / "params.yaml").is_file():
             return folder
     return here
+
+
+def record_path(path: Path | str, root: Path | str | None = None) -> str:
+    """`path` as a sidecar records it: relative to the project root (`root`, default
+    `r2m.config.project_root()`) when it lies inside it, else absolute."""
+    base = Path(root) if root is not None else project_root()
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(Path(os.path.abspath(base))).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def recorded_path(value: str, root: Path | str | None = None) -> Path:
+    """A path a sidecar recorded, as a usable path: a relative entry is under the project root
+    (`root`, default `r2m.config.project_root()`), an absolute one (older sidecars) is as it is."""
+    path = Path(value)
+    return path if path.is_absolute() else (Path(root) if root is not None else project_root()) / path
 
 
 def _describe(err: ValidationError, source: Path) -> str:

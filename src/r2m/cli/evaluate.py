@@ -3,7 +3,6 @@ report (`r2m.evaluation.reporting`): AUC tables, DROP/GAIN and regression with 9
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -33,6 +32,7 @@ def _run(model, datasets, specialists, baselines, champion, json_out, log, param
     from r2m.evaluation.judge import judge
     from r2m.evaluation.protocol import Roles
     from r2m.evaluation.scoring import default_model_name
+    from r2m.fileio import atomic_write_json
 
     params = load_params(params_file)
     data_root = params.path("data_root").resolve()
@@ -69,7 +69,7 @@ def _run(model, datasets, specialists, baselines, champion, json_out, log, param
                "summaries": {m: s.as_dict() for m, s in verdict.summaries.items()},
                "intervals": reporting.intervals_dict(verdict),
                "gate": verdict.gate.as_dict() if gate else None}
-        Path(json_out).write_text(json.dumps(doc, indent=2))
+        atomic_write_json(json_out, doc, sort_keys=False)
     if log:
         from r2m.tracking.runs import log_verdict
 

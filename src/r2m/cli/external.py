@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from r2m.cli import command
+from r2m.names import specialist_name
 
 
 @command("import-checkpoint")
@@ -90,7 +91,7 @@ def register_specialist(
     specialist, check = register_external_specialist(checkpoint, generator, params, assume_theta0=assume_theta0,
                                                      progress=not quiet)
     again = " (registered before)" if check is None else ""
-    typer.echo(f"specialist-{specialist.generator} v{specialist.version}: {specialist.status}{again} "
+    typer.echo(f"{specialist_name(specialist.generator)} v{specialist.version}: {specialist.status}{again} "
                f"(val AUC {specialist.val_auc:.4f})" + ("; the next `r2m run` merges it" if specialist.status == "accepted"
                                                         else f" — {specialist.reason}"))
     if specialist.status != "accepted":

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from r2m.config import load_yaml
 from r2m.errors import DatasetError
+from r2m.fileio import atomic_write_text
 
 MANIFEST_NAME = "generator.yaml"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -160,9 +161,6 @@ def dump_manifest(manifest: GeneratorManifest, dataset_dir: Path) -> Path:
         data["samples"] = [
             {k: v for k, v in s.items() if v is not None} for s in data["samples"]
         ]
-    path = dataset_dir / MANIFEST_NAME
-    tmp = dataset_dir / f".{MANIFEST_NAME}.tmp"
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    tmp.write_text(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True, width=1000))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(dataset_dir / MANIFEST_NAME,
+                             yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True, width=1000))

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from r2m.evaluation.metrics import auc as auc_of
 from r2m.evaluation.metrics import roc
 from r2m.evaluation.report import Table
+from r2m.names import is_specialist_name
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -37,7 +38,7 @@ def roc_plot(
     colours = matplotlib.colormaps["tab20"]
     for i, (name, (labels, scores)) in enumerate(curves.items()):
         fpr, tpr = roc(labels, scores, name)
-        ax.plot(fpr, tpr, lw=1.5, color=colours(i % 20), ls=":" if name.startswith("specialist-") else "-",
+        ax.plot(fpr, tpr, lw=1.5, color=colours(i % 20), ls=":" if is_specialist_name(name) else "-",
                 label=f"{name} (AUC {auc_of(labels, scores, name):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fake caught)",

@@ -24,6 +24,7 @@ from r2m.config import Params
 from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import CheckpointError, EvaluationError
 from r2m.fileio import atomic_write_json
+from r2m.names import specialist_name
 from r2m.evaluation.metrics import task_metrics
 from r2m.evaluation.protocol import Evaluation, ModelInfo, Task
 from r2m.models.detector import Detector, image_size, load_detector, pick_device, sidecar_model_name
@@ -51,7 +52,7 @@ def default_model_name(path: Path | str) -> str:
     meta = read_meta(path)
     kind = meta.get("kind")
     if kind == "specialist" and meta.get("generator"):
-        return f"specialist-{meta['generator']}"
+        return specialist_name(meta["generator"])
     if kind == "all-in-one":
         return "all-in-one"
     method = meta.get("method")

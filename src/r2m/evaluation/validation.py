@@ -10,12 +10,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from r2m.config import Params
 from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import EvaluationError
+from r2m.evaluation.metrics import auc
 from r2m.evaluation.scoring import score_batches
 from r2m.models.detector import build_detector, image_size, pick_device
 
@@ -40,6 +40,6 @@ class ValidationScorer:
     def __call__(self, state_dict: dict[str, torch.Tensor], hparams: dict | None = None) -> float:
         self.detector.load_checkpoint_tensors(state_dict, source="merged state dict")
         aucs = []
-        for _, batches, labels in self.tasks:
-            aucs.append(roc_auc_score(labels, score_batches(self.detector, batches, self.device)))
+        for name, batches, labels in self.tasks:
+            aucs.append(auc(labels, score_batches(self.detector, batches, self.device), name))
         return float(np.mean(aucs))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from r2m.checkpoint import file_sha256, read_meta
-from r2m.config import ExportConfig, ModelConfig, Params
+from r2m.config import ExportConfig, ModelConfig, Params, record_path
 from r2m.data import balanced_sample
 from r2m.errors import ExportError, check_output_file
 from r2m.evaluation.metrics import auc
@@ -84,21 +84,10 @@ class ExportResult:
     def as_dict(self, root: Path | str | None = None) -> dict:
         """JSON-ready; paths relative to `root` (the project root) when they lie inside it."""
         data = asdict(self)
-        data["onnx_path"] = project_relative(self.onnx_path, root)
-        data["int8_path"] = project_relative(self.int8_path, root) if self.int8_path else None
+        data["onnx_path"] = record_path(self.onnx_path, root)
+        data["int8_path"] = record_path(self.int8_path, root) if self.int8_path else None
         data["int8_delta_auc"] = self.int8_delta_auc
         return data
-
-
-def project_relative(path: Path | str, root: Path | str | None) -> str:
-    """`path` relative to the project `root` when it lies inside it, else absolute."""
-    path = Path(path).resolve()
-    if root is not None:
-        try:
-            return str(path.relative_to(Path(root).resolve()))
-        except ValueError:
-            pass
-    return str(path)
 
 
 # ---------------------------------------------------------------- lineage

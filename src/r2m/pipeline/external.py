@@ -23,18 +23,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from r2m.checkpoint import (check_head, file_sha256, load_checkpoint, missing_file_reason, read_meta, recorded_theta0,
                             save_checkpoint)
 from r2m.config import Params
 from r2m.data import FAKE, GeneratorDataset, validate_data_root
 from r2m.errors import CheckpointError, DatasetError
+from r2m.evaluation.metrics import auc
 from r2m.models import ensure_pretrained
 from r2m.models.detector import build_detector
 from r2m.pipeline.safety import SpecialistCheck, check_specialist, fake_scores, finite_scores
 from r2m.pipeline.specialists import ACCEPTED, REJECTED, Specialist, _from_version, _versions, register_checked, registered_specialists
-from r2m.tracking import mlflow_store, registry, runs
+from r2m.tracking import mlflow_store
 
 EXTERNAL = "external"  # the `origin` tag of a version registered from outside
 
@@ -79,7 +79,7 @@ def validation_auc(path: Path, dataset: GeneratorDataset, params: Params) -> flo
     if len(set(labels.tolist())) < 2:
         return float("nan")
     scores = fake_scores(path, samples, params, model_cfg=params.model)
-    return float(roc_auc_score(labels, finite_scores(path, scores, f"'{dataset.name}' validation images")))
+    return auc(labels, finite_scores(path, scores, f"'{dataset.name}' validation images"), dataset.name)
 
 
 def register_external_specialist(

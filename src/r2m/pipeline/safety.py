@@ -22,13 +22,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from r2m.checkpoint import BACKBONE_PREFIX
 from r2m.config import ModelConfig, Params
 from r2m.data import REAL, GeneratorDataset, ImageDataset, Sample, build_transform
 from r2m.errors import CheckpointError
+from r2m.evaluation.metrics import auc
 from r2m.evaluation.scoring import score_batches
 from r2m.models.detector import image_size, load_detector, pick_device
 
@@ -96,7 +96,7 @@ def real_disagreement(path: Path, dataset: GeneratorDataset, trusted: Sequence[G
         return None
     scores = fake_scores(path, [*trusted_reals, *own_reals], params, model_cfg)
     labels = np.r_[np.ones(len(trusted_reals)), np.zeros(len(own_reals))]
-    return float(roc_auc_score(labels, finite_scores(path, scores, "real validation images")))
+    return auc(labels, finite_scores(path, scores, "real validation images"), "trusted vs own real images")
 
 
 def check_specialist(

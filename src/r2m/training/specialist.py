@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.metrics import log_loss
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
@@ -24,6 +24,7 @@ from r2m.checkpoint import file_sha256, load_checkpoint, read_meta, save_checkpo
 from r2m.config import Params
 from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import TrainingError
+from r2m.evaluation.metrics import auc
 from r2m.models.detector import Detector, build_detector, image_size, pick_device
 from r2m.threads import configure_torch
 
@@ -64,7 +65,8 @@ def freeze_norm_statistics(module: torch.nn.Module) -> None:
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
+    """Validation AUC (r2m.evaluation.metrics.auc); NaN when the split lacks a class."""
+    return auc(labels, scores, "validation") if len(set(labels.tolist())) == 2 else float("nan")
 
 
 def _val_loss(labels: np.ndarray, scores: np.ndarray) -> float:
