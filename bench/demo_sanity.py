@@ -1,4 +1,4 @@
-"""Sanity of the embedded benchmark (issue 3): is it a benchmark whose merge results mean something?
+"""Sanity of the embedded benchmark: is it a benchmark whose merge results mean something?
 
 Measures, on `r2m demo-data` output:
 1. generation time of the whole benchmark;

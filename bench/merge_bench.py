@@ -194,7 +194,7 @@ def measure(mode: str, folder: Path, n: int, threads: int, extra: dict | None = 
 
 # -- report ----------------------------------------------------------------------------------------
 
-BEFORE_R2M_N6 = 285.8  # s: one R²M merge, ViT-L/14, N = 6, 2 threads, main before issue 14 (merge_bench.md)
+BEFORE_R2M_N6 = 285.8  # s: one R²M merge, ViT-L/14, N = 6, 2 threads, main before the certified truncation (merge_bench.md)
 
 
 def report(model: str, rows: dict, threads: int, total_params: int, full: bool = True) -> str:
@@ -228,12 +228,12 @@ def report(model: str, rows: dict, threads: int, total_params: int, full: bool =
             checks.append((n, "WA / (I/O floor + writing the output)", wa / r["iow"]["seconds"], None))
         if "cart" in r and wa:
             checks.append((n, "CART / (its SVD + WA)", r["cart"]["seconds"] / (r["cart"]["diagnostics"]["svd_seconds"] + wa), None))
-        # issue 14 (targets stated for ViT-L/14, N = 6)
+        # targets of the certified-truncation work (ViT-L/14, N = 6)
         if "grid" in r and "r2m" in r and wa:
             checks.append((n, "24-point selection / (one R²M merge + 24 WA)", r["grid"]["seconds"] / (r["r2m"]["seconds"] + 24 * wa), 1.0))
             checks.append((n, "selection: each point after the first / WA", r["grid"]["seconds_per_point_after_first"] / wa, 1.0))
         if "r2m" in r and n == 6 and full:
-            checks.append((n, f"one R²M merge / main before issue 14 ({BEFORE_R2M_N6} s)", r["r2m"]["seconds"] / BEFORE_R2M_N6, 0.5))
+            checks.append((n, f"one R²M merge / main before the certified truncation ({BEFORE_R2M_N6} s)", r["r2m"]["seconds"] / BEFORE_R2M_N6, 0.5))
         peak = max((c["max_rss_gb"] for c in r.values()), default=0.0)
         checks.append((n, "peak RSS of any cell (GB)", peak, 4.0))
     lines += ["", "| N | ratio | measured | target | met |", "|---|---|---|---|---|"]

@@ -28,7 +28,7 @@ What it measures (every timing as a ratio against a baseline of the same run):
   half-way through (hot reload). Counts errors, answers that differ from scoring the image alone,
   req/s, p50/p99 and the mean batch the server ran (its /v2/models/r2m_detector/stats).
 
-Targets it reports against (README "Serving"): int8 static |ΔAUC| <= 0.002 on every seen test task
+Targets it reports against (docs/usage.md, "Serving"): int8 static |ΔAUC| <= 0.002 on every seen test task
 and >= 1.5x ORT fp32 at batch 32; ORT fp32 >= 1.5x torch eager at batch 32; HTTP with batching
 >= 2x the req/s without, at no worse p99, 0 errors across the hot reload.
 
@@ -476,7 +476,7 @@ def markdown(report: dict) -> str:
               f"Images per task: {report['images_per_task'] or 'all'}; int8 static calibrated on "
               f"{report['calibration_images']} seen validation images; kept calibration: **{report['static_kept']}** "
               "(smallest worst |ΔAUC| on seen validation).", "",
-              "Targets (README \"Serving\"): int8 static |ΔAUC| ≤ 0.002 on every seen test task and ≥ 1.5× ORT fp32 "
+              "Targets (docs/usage.md, \"Serving\"): int8 static |ΔAUC| ≤ 0.002 on every seen test task and ≥ 1.5× ORT fp32 "
               "at batch 32; ORT fp32 ≥ 1.5× torch eager at batch 32; HTTP with batching ≥ 2× without, p99 no worse, "
               "0 errors across the hot reload.", "", "## Accuracy: AUC, and ΔAUC against ORT fp32", ""]
     engines = list(report["auc"])

@@ -12,7 +12,7 @@ on a box with nothing else running.
     .venv/bin/python bench/threads_bench.py --data /tmp/x/fs-faces --params /tmp/tiny.yaml --repeats 1 \\
         --wait-steps 30 --out /tmp/threads_bench_smoke
 
-Policies (`r2m.threads`, README "Running beside other jobs"):
+Policies (`r2m.threads`, docs/usage.md, "Running beside other jobs"):
 - `r2m`: what r2m does by default: `usable_cpus()` threads for torch, OpenMP and BLAS, and
   `OMP_WAIT_POLICY=PASSIVE` set before torch is imported;
 - `library`: `R2M_THREADS=library`, r2m sets nothing: torch's and OpenMP's own defaults (as many

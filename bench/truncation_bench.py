@@ -1,5 +1,5 @@
 """Microbenchmark: the exact rank-k truncation W -> W_k of one matrix, every candidate method against
-the dense float64 SVD reference (issue 14). Short by design (a few seconds per row, 1-2 threads):
+the dense float64 SVD reference. Short by design (a few seconds per row, 1-2 threads):
 
     .venv/bin/python bench/truncation_bench.py [--threads 2] [--shapes 1024x1024 4096x1024] [--reps 3]
 

@@ -1,4 +1,4 @@
-"""The continual loop as Prefect flows (SPEC sections 1 and 9): thin wrappers over `r2m.pipeline`.
+"""The continual loop as Prefect flows (docs/architecture.md, "The continual loop"): thin wrappers over `r2m.pipeline`.
 
 - `watch`   (scheduled): scan the data root → onboard every new seen dataset, one at a time:
             fine-tune → register → re-merge all accepted → gate → release. Unseen datasets

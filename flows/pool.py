@@ -8,7 +8,7 @@ per GPU, or the pool's concurrency limit). The loop's own steps do not change (`
 checkpoint from the MLflow run the worker logged (`r2m.pipeline.pool`), checks and registers the
 specialist, then re-merges, gates and releases, one step at a time, before the next.
 
-Set up (README "Training on a work pool"):
+Set up (docs/usage.md, "Training on a work pool"):
 
     prefect work-pool create r2m-train --type process   # or --type docker / kubernetes
     python -m flows.pool deploy --pool r2m-train          # registers r2m-train-specialist/pool
@@ -188,7 +188,7 @@ def start_training(params: Params, dataset: GeneratorDataset, theta0_sha256: str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flows.pool",
-        description="Register the r2m training deployment on a Prefect work pool (README 'Training on a work pool').")
+        description="Register the r2m training deployment on a Prefect work pool (docs/usage.md, 'Training on a work pool').")
     sub = parser.add_subparsers(dest="command", required=True)
     dep = sub.add_parser("deploy", help="register flow.train_deployment on the work pool")
     dep.add_argument("--params", default=None, help="params.yaml to read (default: the project's)")

@@ -1,4 +1,4 @@
-"""Serve the watcher on a schedule behind a local Prefect server (SPEC section 9).
+"""Serve the watcher on a schedule behind a local Prefect server (docs/usage.md, "On a schedule (Prefect)").
 
     python -m flows.serve                # from the project root; Ctrl-C stops both
 

@@ -1,4 +1,4 @@
-"""Real servers for the team tests, started by the tests themselves on loopback (issue 13).
+"""Real servers for the team tests, started by the tests themselves on loopback.
 
 - `postgres_server`: a PostgreSQL cluster from Debian's `postgresql` package (`initdb` + the
   `postgres` server binary), in a fresh data folder, on a free port; as root it runs as the

@@ -1,4 +1,4 @@
-"""Bad paths and bad requests get one-line errors or 4xx, never a traceback or a 500 (issue 11, item 6)."""
+"""Bad paths and bad requests get one-line errors or 4xx, never a traceback or a 500."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Config files that say something wrong are refused in one line (issue 11, item 8)."""
+"""Config files that say something wrong are refused in one line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded benchmark (`r2m demo-data`, issue 3): deterministic, valid under the data
+"""The embedded benchmark (`r2m demo-data`, docs/benchmark.md): deterministic, valid under the data
 contract, leak-free, and every family's artifact measurably present."""
 
 from __future__ import annotations

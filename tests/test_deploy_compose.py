@@ -1,5 +1,5 @@
 """deploy/compose.yaml, parsed (no container engine here: it is not run). Its services are the
-team picture of issue 13, and its MLflow / S3 / DVC settings are the ones tests/servers.py starts
+team picture (deploy/compose.yaml), and its MLflow / S3 / DVC settings are the ones tests/servers.py starts
 and tests/test_team.py, tests/test_dvc_remote.py prove: the same `mlflow server` options, the
 same driver in the backend URI, the server alone holding the S3 keys, clients given only
 MLFLOW_TRACKING_URI."""

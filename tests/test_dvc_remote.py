@@ -1,7 +1,7 @@
-"""A DVC remote on S3 for real (issue 13): the project's dvc.yaml in a temp git repo, the data
+"""A DVC remote on S3 for real: the project's dvc.yaml in a temp git repo, the data
 root and a pipeline stage's outputs pushed to an S3 remote (moto's server, `team_s3`,
 reached through `endpointurl`), then a second clone of the git repo pulls the same bytes —
-how a second machine gets the same data (README "Running r2m for a team").
+how a second machine gets the same data (docs/usage.md, "Running r2m for a team").
 
 One stage (`train@sq-ff`, one epoch of the tiny backbone) stands for the pipeline's outputs:
 `dvc push` sends every output recorded in dvc.lock the same way.

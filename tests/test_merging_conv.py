@@ -1,4 +1,4 @@
-"""Merge rules for convolutional backbones (SPEC 5): pointwise 1×1 convs are truncated as [out, in]
+"""Merge rules for convolutional backbones (docs/method.md, "R²M", decision 2): pointwise 1×1 convs are truncated as [out, in]
 matrices, depthwise convs and norms are left as they are, BatchNorm running statistics are
 averaged like the head — against dense references, and on the real EfficientNet-Lite tower."""
 
@@ -67,7 +67,7 @@ def test_which_tensors_are_truncated():
 
 
 def dense_conv_r2m(theta0: dict, specs: list[dict], alpha: float, r: float) -> dict:
-    """SPEC 5 materialised in float64 over the learned tensors (statistics excluded from M)."""
+    """docs/method.md's R²M materialised in float64 over the learned tensors (statistics excluded from M)."""
     keys = [k for k in theta0 if theta0[k].is_floating_point() and not STATISTIC.search(k)]
     n = len(specs)
     taus = {k: [s[k].double() - theta0[k].double() for s in specs] for k in keys}

@@ -13,7 +13,7 @@ from test_merging_methods import POS, dense_truncate, random_model, specialists_
 
 
 def dense_r2m(theta0: dict, specs: list[dict], alpha: float, r: float, k: int = 1, eta_mode: str = "normalized", core: str = "centered") -> tuple[dict, dict]:
-    """SPEC 5 with everything materialised in float64: M (N×D), full SVD, dense truncations."""
+    """docs/method.md's R²M with everything materialised in float64: M (N×D), full SVD, dense truncations."""
     keys = [key for key in theta0 if theta0[key].is_floating_point()]
     n = len(specs)
     taus = {key: [s[key].double() - theta0[key].double() for s in specs] for key in keys}

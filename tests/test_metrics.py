@@ -1,4 +1,4 @@
-"""Metric definitions (SPEC section 6) on hand-made score vectors."""
+"""Metric definitions (docs/method.md, "Metrics") on hand-made score vectors."""
 
 import math
 

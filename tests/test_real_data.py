@@ -1,4 +1,4 @@
-"""What real data and real users ran into (issue 11, item 9)."""
+"""What real data and real users ran into."""
 
 from __future__ import annotations
 

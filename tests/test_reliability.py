@@ -1,4 +1,4 @@
-"""What the loop guarantees (README "Reliability", issue 11): history is never rewritten, one run
+"""What the loop guarantees (docs/usage.md, "Reliability"): history is never rewritten, one run
 at a time per project, a moved or copied project works on its own files, serving follows
 `champion` both ways, and a kill -9 leaves nothing the next run trips over.
 

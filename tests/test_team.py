@@ -1,4 +1,4 @@
-"""r2m for a team, against real servers started by the tests (tests/servers.py, issue 13): an
+"""r2m for a team, against real servers started by the tests (tests/servers.py): an
 MLflow server as its own process on PostgreSQL + an S3 API server (moto), used by `r2m`
 processes that are given nothing but `MLFLOW_TRACKING_URI`.
 
@@ -135,7 +135,7 @@ def test_two_machines_at_once_then_a_third_resolves_everything_from_the_server(t
     champion_sha = registry.get_version(client, "2").tags["sha256"]
     assert served_sha(a) == champion_sha and served_sha(c) == champion_sha  # c fetched what a released
 
-    # a third machine: the same data (see the README: `dvc pull`), nothing else of its own
+    # a third machine: the same data (docs/usage.md: `dvc pull`), nothing else of its own
     b = project_dir(tmp_path / "machine-b")
     out, _ = done(r2m(b, stack, "run", "-q"))
     assert "2 seen, 1 unseen, 0 new to onboard" in out and "champion: r2m-detector v2" in out, out

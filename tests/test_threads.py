@@ -1,4 +1,4 @@
-"""The thread policy (`r2m.threads`, README "Running beside other jobs"): the CLI and the flows set
+"""The thread policy (`r2m.threads`, docs/usage.md, "Running beside other jobs"): the CLI and the flows set
 thread counts from `usable_cpus()` and passive OpenMP waiting before torch loads, a value the user
 exported wins, `R2M_THREADS` overrides or switches it off, and training applies it to torch.
 Each check runs in a fresh interpreter, where OpenMP has not read its environment yet."""

@@ -1,5 +1,5 @@
 """MLflow tracking against a real SQLite store in a temp dir: runs, tables, plots, the registry
-and its aliases (SPEC section 7). One store per module: MLflow is slow to start."""
+and its aliases (docs/method.md, "Registry and release"). One store per module: MLflow is slow to start."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Training on a Prefect work pool, end to end, on real servers started here (issue 13).
+"""Training on a Prefect work pool, end to end, on real servers started here.
 
 A real Prefect server (its own process), a `process` work pool with TWO workers (each its own
 process, `--limit 1`: one training at a time each, like one worker per GPU), the training

@@ -34,7 +34,7 @@ class PathsConfig(Section):
 
 
 class ModelConfig(Section):
-    """The detector: open_clip visual tower + Linear(width, 2) head (SPEC section 4)."""
+    """The detector: open_clip visual tower + Linear(width, 2) head (docs/method.md, "The detector")."""
 
     # any open_clip model name, e.g. ViT-L-14. params.yaml's embedded default is the ImageNet
     # EfficientNet-Lite0 timm tower `r2m-efficientnet-lite0`; this code default, `r2m-tiny`, is the
@@ -111,7 +111,7 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 
 class DataConfig(Section):
-    """The data contract (SPEC section 3)."""
+    """The data contract (docs/architecture.md, "Data contract")."""
 
     split_fractions: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
     split_seed: int = 0
@@ -226,7 +226,7 @@ class ServeConfig(Section):
 
 
 class FlowConfig(Section):
-    """The continual loop (SPEC section 9)."""
+    """The continual loop (docs/architecture.md, "The continual loop")."""
 
     schedule_interval_s: int = 600
     retries: int = 2

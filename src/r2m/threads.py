@@ -4,7 +4,7 @@
 mask (``taskset``, a scheduler's cpuset) may give the process fewer. Thread pools sized beyond
 what the process gets spin against each other and against other jobs on the same cores.
 
-The policy (README "Running beside other jobs"): torch's intra-op threads and the OpenMP/BLAS
+The policy (docs/usage.md, "Running beside other jobs"): torch's intra-op threads and the OpenMP/BLAS
 pools get ``usable_cpus()`` threads, and OpenMP threads wait *passively* (``OMP_WAIT_POLICY=PASSIVE``:
 a thread with nothing to do sleeps instead of spinning for its next parallel region, so it
 leaves the core to the other job). OpenMP reads its environment once, when torch loads it, so

@@ -1,6 +1,6 @@
 """The `r2m` command line: a thin driver over the library, one module per verb.
 
-Exit status (README "Command line"): 0 success, 1 a verdict against the input (a gate failed, a
+Exit status (docs/usage.md, "Command line"): 0 success, 1 a verdict against the input (a gate failed, a
 specialist rejected), 2 bad input (any `R2MError`: one line on stderr naming the file, key or
 flag), 70 a bug in r2m (any other exception: one line on stderr naming it and the log file that
 holds the full traceback; 70 is EX_SOFTWARE of BSD's sysexits.h).
@@ -38,7 +38,7 @@ app = typer.Typer(
     ),
     epilog=("Exit status: 0 success, 1 a verdict against the input (gate failed, specialist rejected), "
             "2 bad input (one line naming the file, key or flag), 70 a bug in r2m (one line naming the crash log "
-            "under <project root>/logs/). Threads: R2M_THREADS=N or R2M_THREADS=library (README \"Running beside other jobs\")."),
+            "under <project root>/logs/). Threads: R2M_THREADS=N or R2M_THREADS=library (docs/usage.md, \"Running beside other jobs\")."),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,4 +1,4 @@
-"""`r2m validate` / `r2m import-deepfakebench`: the data contract (issue 2)."""
+"""`r2m validate` / `r2m import-deepfakebench`: the data contract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`r2m import-checkpoint` and `r2m register-specialist`: checkpoints r2m did not train (README
+"""`r2m import-checkpoint` and `r2m register-specialist`: checkpoints r2m did not train (docs/usage.md,
 "Bring your own specialists")."""
 
 from __future__ import annotations

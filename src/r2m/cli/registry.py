@@ -1,4 +1,4 @@
-"""`r2m promote` / `r2m rollback` / `r2m models`: the detector's MLflow aliases (issue 5)."""
+"""`r2m promote` / `r2m rollback` / `r2m models`: the detector's MLflow aliases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`r2m run`: the whole continual loop once (issue 7)."""
+"""`r2m run`: the whole continual loop once."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def run(
     (MLFLOW_TRACKING_URI=http://...): a second `r2m run` (or a flow run), on this machine or
     another, waits for the first to finish, then finds its work done. Training runs in this
     process; to train a backlog in parallel on a Prefect work pool, set `flow.work_pool` and run
-    the watcher flow (README "Training on a work pool").
+    the watcher flow (docs/usage.md, "Training on a work pool").
     """
     from r2m.config import load_params
     from r2m.runtime.session import import_onnxruntime

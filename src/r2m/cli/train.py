@@ -1,4 +1,4 @@
-"""`r2m train`: fine-tune one specialist (issue 2)."""
+"""`r2m train`: fine-tune one specialist."""
 
 from __future__ import annotations
 

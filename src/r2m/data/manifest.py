@@ -1,6 +1,6 @@
 """`generator.yaml`: the manifest that makes a folder under the data root a generator dataset.
 
-A folder counts as a dataset only once its manifest is present (SPEC section 3); the manifest is
+A folder counts as a dataset only once its manifest is present (docs/architecture.md, "Data contract"); the manifest is
 parsed strictly: unknown fields are rejected with the field named, and `name` must equal the
 folder name so the registry, the checkpoints and the folder can never disagree.
 """

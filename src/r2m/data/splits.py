@@ -8,7 +8,7 @@ one photograph cannot leak from train into test.
 Groups are ranked by sha256(split seed, group id) and cut at the configured fractions, separately
 per *stratum* (the set of classes a group holds), so small datasets still get real and fake
 images in every split. Explicit assignments (manifest `splits` lists, per-sample `split`) win.
-An unseen (evaluation-only) dataset without them is all test (SPEC section 3).
+An unseen (evaluation-only) dataset without them is all test (docs/architecture.md, "Data contract").
 """
 
 from __future__ import annotations

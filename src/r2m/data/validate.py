@@ -1,4 +1,4 @@
-"""Validation of generator datasets against the data contract (SPEC section 3).
+"""Validation of generator datasets against the data contract (docs/architecture.md, "Data contract").
 
 `validate_dataset` is read-only: it never moves or changes a file. It raises `DatasetError`
 naming the file at fault for corrupt/truncated images, non-images, decompression bombs,

@@ -1,1 +1,1 @@
-"""Evaluation: scoring, metrics, the protocol (DROP/GAIN), tables and the gate (SPEC section 6)."""
+"""Evaluation: scoring, metrics, the protocol (DROP/GAIN), tables and the gate (docs/method.md, "Evaluation and gate")."""

@@ -1,4 +1,4 @@
-"""Per-task detection metrics (SPEC section 6): image-level AUC (the paper's metric), EER, AP,
+"""Per-task detection metrics (docs/method.md, "Metrics"): image-level AUC (the paper's metric), EER, AP,
 and video-level AUC where frames group into videos.
 
 Labels: 1 = fake (the positive class), 0 = real; scores are P(fake) = softmax(logits)[:, 1].

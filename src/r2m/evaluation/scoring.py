@@ -1,6 +1,6 @@
 """Batched inference of checkpoints over dataset splits (CUDA when present), into an `Evaluation`.
 
-Score = P(fake) = softmax(logits)[:, 1] (SPEC section 4). Each task's images are decoded and
+Score = P(fake) = softmax(logits)[:, 1] (docs/method.md, "The detector"). Each task's images are decoded and
 transformed once and kept in memory while they fit `cache_bytes`, so scoring many models (the
 specialists, every merge method, All-in-one, the champion) does not decode them again. With a
 `score_cache` folder, the scores of a checkpoint on a dataset split are also kept on disk, keyed

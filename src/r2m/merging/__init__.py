@@ -1,4 +1,4 @@
-"""Training-free merging of specialists: WA, TA, TIES, CART and R²M (SPEC section 5).
+"""Training-free merging of specialists: WA, TA, TIES, CART and R²M (docs/method.md, "Merging").
 
 Each method is a pure function `(pretrained, specialists, **hyperparameters) -> MergeResult`
 over state dicts or streamed safetensors files (`r2m.merging.stream`); `METHODS` maps names to

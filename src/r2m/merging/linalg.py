@@ -39,12 +39,12 @@ from typing import Sequence
 import torch
 
 EPS32 = float(torch.finfo(torch.float32).eps)
-CHUNK_RATIOS = (0.1, 0.3, 0.5)  # fixed chunk boundaries of top-basis projections: SPEC 5's ranks ≤ 1/2
+CHUNK_RATIOS = (0.1, 0.3, 0.5)  # fixed chunk boundaries of top-basis projections: the grid's ranks ≤ 1/2
 TAIL_TOL = 2e-3  # allowed excess of ‖W − W̃‖² over the optimum: the accuracy criterion, 1e-3 on the norm
 
 
 def truncation_rank(shape: tuple[int, int], r: float) -> int:
-    """k = ⌊r · min(m, n)⌋, at least 1 (SPEC 5 step 4). A tiny epsilon absorbs float error in r·p."""
+    """k = ⌊r · min(m, n)⌋, at least 1 (docs/method.md, "R²M", decision 2). A tiny epsilon absorbs float error in r·p."""
     return max(1, math.floor(r * min(shape) + 1e-9))
 
 

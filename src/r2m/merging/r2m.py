@@ -13,7 +13,7 @@ Nothing D-dimensional beyond one tensor is held in memory. V_{c,k} = M_cᵀ U_k 
 (M_c M_cᵀ = C G C, M_c τ̄ = C G 1/N, C = I − 11ᵀ/N); τ_res = Σ_i w_i δ̃_i with
 w_i = m / (N (‖δ̃_i‖ + ε)), where ‖δ̃_i‖² is the sum of the top-k eigenvalues of each block's Gram.
 
-One analysis serves a whole grid of (α, r, core, k) points (issue 14):
+One analysis serves a whole grid of (α, r, core, k) points (docs/method.md, "R²M", decision 7):
 
 1. `analyse` (reads the inputs once): G, and per (specialist, matrix block) ONE Gram eigendecomposition
    whose bases serve every rank r of the grid (top-k subspaces are nested); the per-rank norms
@@ -264,7 +264,7 @@ def _build_keys(tv: TaskVectors, an: Analysis, parts: Parts, device: torch.devic
 # -- pass 3: one point --------------------------------------------------------------------------
 
 def point_coefficients(parts: Parts, hp: dict) -> tuple[float, dict]:
-    """η and the diagnostics SPEC 5 asks for, for one (α, r, core, k, η mode) point."""
+    """η and the diagnostics docs/method.md lists (R²M, decision 6), for one (α, r, core, k, η mode) point."""
     an = parts.analysis
     core, other, _ = parts.cores[(hp["core"], hp["k"])]
     res = parts.residuals[hp["rank"]]
@@ -370,7 +370,7 @@ def r2m(
     rtol: float = 1e-5,
     runtime: Runtime | None = None,
 ) -> MergeResult:
-    """R²M(α, r, k) of SPEC section 5. Defaults α = 0.5, r = 0.7, k = 1 (paper C.4)."""
+    """R²M(α, r, k) of docs/method.md, "R²M". Defaults α = 0.5, r = 0.7, k = 1 (paper C.4)."""
     hp = {"alpha": alpha, "rank": rank, "k": k, "core": core, "eta_mode": eta_mode}
     check_point(hp)
     tv = TaskVectors(pretrained, specialists, runtime)

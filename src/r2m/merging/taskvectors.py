@@ -28,7 +28,7 @@ from r2m.merging.stream import DictSink, DiskScratch, MemoryScratch, Scratch, Si
 
 Kind = Literal["merge", "copy", "head", "statistic"]
 
-# Attention and MLP weight matrices that the layerwise rank-r truncation acts on (SPEC 5 step 4),
+# Attention and MLP weight matrices that the layerwise rank-r truncation acts on (docs/method.md, "R²M", decision 2),
 # with the number of row blocks each is split into: open_clip fuses Q, K, V into `in_proj_weight`
 # (the paper's HF CLIP keeps them separate), so it is truncated as three d×d thirds.
 MATRIX_RULES: tuple[tuple[re.Pattern, int], ...] = (
@@ -39,7 +39,7 @@ MATRIX_RULES: tuple[tuple[re.Pattern, int], ...] = (
 )
 
 
-# Convolutional backbones (EfficientNet and kin, SPEC 5): pointwise (1×1) convolutions — the
+# Convolutional backbones (EfficientNet and kin, docs/method.md, "R²M", decision 2): pointwise (1×1) convolutions — the
 # expansion/projection convs, the head conv and squeeze-excitation's reduce/expand FCs, which timm
 # writes as 1×1 convs — are linear maps [out, in] and are truncated like the ViT matrices.
 # Depthwise convs ([C, 1, k, k]), k×k convs, norms and embeddings stay as they are.

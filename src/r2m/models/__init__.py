@@ -1,4 +1,4 @@
-"""The detector: an open_clip vision tower and a linear real/fake head (SPEC section 4)."""
+"""The detector: an open_clip vision tower and a linear real/fake head (docs/method.md, "The detector")."""
 
 from r2m.models.detector import (
     Detector,

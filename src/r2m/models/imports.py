@@ -1,5 +1,5 @@
 """Bring your own checkpoints: open_clip, Hugging Face CLIP and DeepfakeBench CLIP detectors
-mapped exactly onto the checkpoint contract (docs/architecture.md, "Checkpoint contract"; README
+mapped exactly onto the checkpoint contract (docs/architecture.md, "Checkpoint contract"; docs/usage.md,
 "Bring your own specialists").
 
 Every source is a ViT visual tower plus, for a specialist, a linear head; the feature is the

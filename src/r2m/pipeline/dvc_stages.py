@@ -1,4 +1,4 @@
-"""The DVC pipeline's stages that need the generator list (`dvc.yaml`, SPEC section 9).
+"""The DVC pipeline's stages that need the generator list (`dvc.yaml`; docs/usage.md, "As a DVC pipeline").
 
 `dvc repro` trains one specialist per seen generator of params.yaml `generators` with
 `r2m train` (a `foreach` stage each), then runs these, in the same functions as the continual

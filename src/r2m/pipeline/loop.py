@@ -1,6 +1,6 @@
 """The continual loop once: scan → onboard each new generator → re-merge → gate → release.
 
-Onboarding is one generator at a time (SPEC section 1): each accepted specialist is followed by
+Onboarding is one generator at a time (docs/architecture.md, "The continual loop"): each accepted specialist is followed by
 a re-merge of every specialist accepted so far, gated against the champion of that moment and
 released if it passes. A backlog (the first run, or several datasets dropped at once) is thus
 onboarded as the same sequence of candidates that arriving one by one would give: every step

@@ -1,4 +1,4 @@
-"""Registry references are MLflow artifact URIs; this turns them into local files (SPEC section 7).
+"""Registry references are MLflow artifact URIs; this turns them into local files (docs/method.md, "Registry and release").
 
 A registered checkpoint (a specialist or a detector version) is referenced by the tag
 `artifact_uri` = `runs:/<run id>/checkpoint/<file>.safetensors` (older versions: the version's
@@ -7,7 +7,7 @@ A registered checkpoint (a specialist or a detector version) is referenced by th
 - a local store (SQLite + artifact folder): the run's own artifact folder, which after
   `mlflow_store.relocate_store` is inside *this* project even when the project was moved or
   copied;
-- any other store (a tracking server, issue 13): downloaded once into
+- any other store (a tracking server: docs/usage.md, "Running r2m for a team"): downloaded once into
   `<artifacts>/cache/checkpoints/<sha256[:16]>/` and checked against the version's `sha256`.
 
 `resolve_file` does the same for any one file a tag references by URI (a detector version's

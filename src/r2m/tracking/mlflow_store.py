@@ -1,4 +1,4 @@
-"""Where MLflow keeps runs and models (README "Comparing runs (MLflow)", "Reliability").
+"""Where MLflow keeps runs and models (docs/usage.md, "Comparing runs (MLflow)", "Reliability").
 
 Embedded default: a SQLite store `sqlite:///mlflow.db` and the artifact folder `mlartifacts/`,
 both at the project root (`params.tracking_uri`, `params.path("mlflow_artifacts")`);

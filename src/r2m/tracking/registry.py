@@ -1,4 +1,4 @@
-"""The MLflow model registry (SPEC section 7).
+"""The MLflow model registry (docs/method.md, "Registry and release").
 
 - one registered model per seen generator's specialist, `specialist-<generator>`; each version
   tagged with its data hash, θ0 hash and recipe;

@@ -1,4 +1,4 @@
-"""The All-in-one baseline (paper §4, SPEC section 5): one detector trained jointly on the union
+"""The All-in-one baseline (paper §4; docs/method.md, "Baselines"): one detector trained jointly on the union
 of every seen dataset with the specialists' recipe, scored like any other model."""
 
 from __future__ import annotations

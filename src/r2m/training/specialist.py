@@ -134,7 +134,7 @@ def train_specialist(
     out = Path(out)
     cfg = params.train
     device = pick_device()
-    configure_torch()  # threads that fit the box (r2m.threads; README "Running beside other jobs")
+    configure_torch()  # threads that fit the box (r2m.threads; docs/usage.md, "Running beside other jobs")
     generator = seed_everything(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)

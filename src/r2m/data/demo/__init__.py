@@ -1,4 +1,4 @@
-"""The embedded benchmark (`r2m demo-data`, SPEC section 11): generator datasets built offline
+"""The embedded benchmark (`r2m demo-data`, docs/benchmark.md): generator datasets built offline
 from real photographs that installed packages ship, with documented generator-like artifacts.
 
 - `sources`: the real photographs, the two real domains (faces, scenes) and their crops;
