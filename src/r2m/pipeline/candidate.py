@@ -117,7 +117,10 @@ def merge_methods(params: Params, pretrained: Path, paths: Sequence[Path], seen:
             groups, level1 = _hierarchy(params, merge_plan, pretrained, paths, seen, grid, parameters, selection)
             hierarchy = {"grouping": Grouping(groups), "level1": level1, "folder": folder,
                          "cache": _group_cache(params), "identities": [file_sha256(p) for p in paths]}
-        if merge_plan.select and not (spec.same_for_one and len(paths) == 1):
+        # nothing to choose: one specialist (for methods that return it), or at most two groups
+        # (level 2 is then the group model or the mean of two, whatever its point)
+        trivial = (spec.same_for_one and len(paths) == 1) or (groups is not None and len(groups) <= 2)
+        if merge_plan.select and not trivial:
             scorer = scorer or ValidationScorer(params, seen)
             fixed = {k: v for k, v in parameters.items() if k not in grid}
             chosen = select(spec.name, pretrained, paths, scorer, grid=grid, fixed=fixed, hierarchy=hierarchy)
