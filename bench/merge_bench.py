@@ -20,7 +20,12 @@ subprocess which reports its own wall time and peak RSS (getrusage of itself):
 - wa, ta, ties, cart, r2m: the streamed merge, files in, safetensors file out;
 - grid: the R²M selection's merge work without the scoring: α {0.4, 0.5, 0.6} × r {0.1, 0.3, 0.5,
   0.7} × core {centered, uncentered} = 24 points from one analysis, each written to its own
-  safetensors file (deleted after it is written), scratch on disk.
+  safetensors file (deleted after it is written), scratch on disk;
+- hier: hierarchical R²M (docs/method.md) with the specialists in groups of two (N = 6: three
+  pairs, each pair's mean a group model on disk, then R²M over the three), streamed to a file;
+- select, select-hier: the loop's selection as `r2m run` takes it (`r2m.merging.select`, flat or
+  hierarchical): the 12 points α {0.4, 0.5, 0.6} × r {0.005, 0.01, 0.03, 0.1}, each composed in
+  memory and read by a stand-in scorer, one point in memory at a time.
 
 Prints a markdown table plus the issue's ratios and writes them to bench/results/merge_bench.md.
 """
@@ -158,6 +163,39 @@ def child(mode: str, folder: Path, n: int, threads: int, extra: dict) -> dict:
         d = result.diagnostics
         info.update({"points": len(times), "svd_seconds": d["svd_seconds"], "projection_seconds": d["projection_seconds"],
                      "seconds_per_point_after_first": sum(times[1:]) / max(len(times) - 1, 1), "first_point_seconds": chosen.pop("first_point_seconds"), "eta": chosen})
+    elif mode in ("select", "select-hier"):  # the loop's selection: each point composed in memory and scored
+        from r2m.merging import select
+
+        grid = {"alpha": (0.4, 0.5, 0.6), "rank": (0.005, 0.01, 0.03, 0.1)}
+        hierarchy = None
+        if mode == "select-hier":
+            from r2m.merging.hierarchy import Grouping
+
+            hierarchy = {"grouping": Grouping.of([str(i // 2) for i in range(n)]), "folder": folder}
+        seen_points = []
+
+        def score(state, hp):  # stands in for the validation scorer: reads every tensor once
+            seen_points.append(sum(float(t.float().sum()) for t in state.values() if t.is_floating_point()))
+            return -abs(hp["alpha"] - 0.5) - abs(hp["rank"] - 0.03)
+
+        chosen = select("r2m", sources[0], sources[1:], score, grid=grid, fixed={"core": "uncentered"},
+                        runtime=Runtime(device="cpu"), hierarchy=hierarchy)
+        info.update({"points": len(seen_points), "best": chosen.best_hparams})
+    elif mode == "hier":  # hierarchical R²M, groups of two (N = 6: three pairs), streamed to a file
+        from r2m.merging.hierarchy import Grouping
+
+        spec = METHODS["r2m"]
+        tv = TaskVectors(sources[0], sources[1:])
+        out = folder / "out-hier.safetensors"
+        sink = SafetensorsSink(out, tv.layout())
+        scratch = DiskScratch(folder)
+        hierarchy = {"grouping": Grouping.of([str(i // 2) for i in range(n)]), "folder": folder}
+        ((_, result),) = list(spec.run_points(sources[0], sources[1:], [spec.resolve(extra)],
+                                              Runtime(device="cpu", sink=sink, scratch=scratch), hierarchy))
+        sink.close()
+        scratch.close()
+        out.unlink()
+        info["diagnostics"] = result.diagnostics
     else:
         spec = METHODS[mode]
         tv = TaskVectors(sources[0], sources[1:])
@@ -207,12 +245,15 @@ def report(model: str, rows: dict, threads: int, total_params: int, full: bool =
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
+    extra_rows: list[str] = []
     na = "–"
     for n, r in rows.items():
         cell = lambda m: f"{r[m]['seconds']:.1f} s / {r[m]['max_rss_gb']:.2f} GB" if m in r else na
         in_run = r.get("r2m", {}).get("diagnostics", {}).get("svd_seconds")
         svd = " / ".join(x for x in (f"{r['svd']['svd_only_seconds']:.1f} s alone" if "svd" in r else "", f"{in_run:.1f} s in R²M" if in_run else "") if x) or na
         lines.append(f"| {n} | {cell('io')} | {cell('iow')} | {svd} | " + " | ".join(cell(m) for m in (*METHOD_ARGS, "grid")) + " |")
+        if any(m in r for m in ("hier", "select", "select-hier")):
+            extra_rows.append(f"| {n} | {cell('r2m')} | {cell('hier')} | {cell('select')} | {cell('select-hier')} |")
         wa = r.get("wa", {}).get("seconds")
         target = 1.2 if n == max(rows) else None
         if "r2m" in r and wa:
@@ -234,8 +275,18 @@ def report(model: str, rows: dict, threads: int, total_params: int, full: bool =
             checks.append((n, "selection: each point after the first / WA", r["grid"]["seconds_per_point_after_first"] / wa, 1.0))
         if "r2m" in r and n == 6 and full:
             checks.append((n, f"one R²M merge / main before the certified truncation ({BEFORE_R2M_N6} s)", r["r2m"]["seconds"] / BEFORE_R2M_N6, 0.5))
+        if "select" in r and "r2m" in r:
+            checks.append((n, "the loop's 12-point selection, peak RSS / one R²M merge's", r["select"]["max_rss_gb"] / r["r2m"]["max_rss_gb"], 2.0))
+        if "select-hier" in r and "r2m" in r:
+            checks.append((n, "hierarchical selection, peak RSS / one flat R²M merge's", r["select-hier"]["max_rss_gb"] / r["r2m"]["max_rss_gb"], 2.0))
+        if "hier" in r and "r2m" in r:
+            checks.append((n, "hierarchical R²M / flat R²M, time", r["hier"]["seconds"] / r["r2m"]["seconds"], None))
+            checks.append((n, "hierarchical R²M / flat R²M, peak RSS", r["hier"]["max_rss_gb"] / r["r2m"]["max_rss_gb"], None))
         peak = max((c["max_rss_gb"] for c in r.values()), default=0.0)
         checks.append((n, "peak RSS of any cell (GB)", peak, 4.0))
+    if extra_rows:
+        lines += ["", "| N | flat R²M (r = 0.7) | hierarchical R²M (pairs) | the loop's selection, flat | the loop's selection, hierarchical |",
+                  "|---|---|---|---|---|", *extra_rows]
     lines += ["", "| N | ratio | measured | target | met |", "|---|---|---|---|---|"]
     for n, name, value, target in checks:
         ok = "" if target is None else ("yes" if value <= target else "NO")
