@@ -154,7 +154,7 @@ class DemoConfig(Section):
     unseen_size: int = Field(320, ge=1)  # images per class per unseen set (all of it is test)
     split_fractions: dict[str, float] = {"train": 0.5, "val": 0.25, "test": 0.25}
     image_size: int = 64
-    strength: float = Field(1.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
+    strength: float = Field(2.0, gt=0)  # scales every family's artifact (docs/benchmark.md)
 
     @field_validator("split_fractions")
     @classmethod

@@ -78,7 +78,6 @@ def _run(model, datasets, specialists, baselines, champion, json_out, log, param
     return verdict.passed if gate else True
 
 
-@command("evaluate")
 def evaluate(
     datasets: list[Path] = DATASETS,
     model: Path = MODEL,
@@ -96,18 +95,21 @@ def evaluate(
         raise typer.Exit(code=1)
 
 
-@command("gate")
-def gate_cmd(
-    datasets: list[Path] = DATASETS,
-    model: Path = MODEL,
-    specialists: list[Path] = SPECIALISTS,
-    baselines: list[Path] = BASELINES,
-    champion: Path = CHAMPION,
-    json_out: Path = JSON_OUT,
-    log: bool = LOG,
-    params_file: Path = PARAMS,
-) -> None:
-    """`r2m evaluate --gate`: print the verdict of the gate (thresholds in params.yaml `gate:`);
-    exit status 1 when the candidate fails it."""
-    if not _run(model, datasets, specialists, baselines, champion, json_out, log, params_file, True):
-        raise typer.Exit(code=1)
+def _gated(fn):
+    """`fn` with `gate=True` and without its --gate option: `r2m gate` is `r2m evaluate --gate`."""
+    import functools
+    import inspect
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        return fn(**kwargs, gate=True)
+
+    signature = inspect.signature(fn)
+    wrapper.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "gate"])
+    wrapper.__doc__ = """`r2m evaluate --gate`: print the verdict of the gate (thresholds in params.yaml `gate:`),
+    every rule with its 95 % interval; exit status 1 when the candidate fails it."""
+    return wrapper
+
+
+command("evaluate")(evaluate)
+command("gate")(_gated(evaluate))

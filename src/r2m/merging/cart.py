@@ -14,16 +14,14 @@ from typing import Literal, Sequence
 
 import torch
 
-from r2m.errors import MergeError
 from r2m.merging.linalg import truncate_blocks
-from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors, TensorPlan, centred, row_sum, task_vectors, weight_mean
+from r2m.merging.taskvectors import (MergeResult, Runtime, TaskVectors, TensorPlan, centred, check_choice, check_ratio, row_sum,
+                                     task_vectors, weight_mean)
 
 
 def cart(pretrained, specialists: Sequence, *, eta: float = 1.0, rank: float = 0.1, form: Literal["sum", "mean"] = "sum", runtime: Runtime | None = None) -> MergeResult:
-    if form not in ("sum", "mean"):
-        raise MergeError(f"CART: form must be 'sum' or 'mean', got {form!r}")
-    if not 0 < rank <= 1:
-        raise MergeError(f"CART: rank ratio must be in (0, 1], got {rank}")
+    check_choice("CART", "form", form, ("sum", "mean"))
+    check_ratio("CART", "rank ratio", rank)
     tv = TaskVectors(pretrained, specialists, runtime)
     device = tv.runtime.resolved_device()
     scale = eta if form == "sum" else eta / tv.n

@@ -310,6 +310,18 @@ class TaskVectors:
         return DiskScratch(s.directory) if isinstance(s, DiskScratch) else MemoryScratch()
 
 
+def check_choice(method: str, name: str, value, choices: Sequence) -> None:
+    """A method's option must be one of its readings, else a MergeError naming both."""
+    if value not in choices:
+        raise MergeError(f"{method}: {name} must be " + " or ".join(repr(c) for c in choices) + f", got {value!r}")
+
+
+def check_ratio(method: str, name: str, value: float) -> None:
+    """A fraction (rank ratio, top-p) must be in (0, 1]."""
+    if not 0 < value <= 1:
+        raise MergeError(f"{method}: {name} must be in (0, 1], got {value}")
+
+
 def read_into(source: TensorSource, key: str, out: torch.Tensor) -> None:
     """Fill a flat float32 row with one tensor (straight from the file when it is float32)."""
     direct = getattr(source, "read_into", None)

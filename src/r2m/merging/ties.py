@@ -31,8 +31,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from r2m.errors import MergeError
-from r2m.merging.taskvectors import MergeResult, Runtime, TaskVectors, TensorPlan, row_sum, task_vectors, weight_mean
+from r2m.merging.taskvectors import (MergeResult, Runtime, TaskVectors, TensorPlan, check_choice, check_ratio, row_sum, task_vectors,
+                                     weight_mean)
 
 # The radix split: pass 1 histograms |τ|'s float32 bits >> _SHIFT (the sign bit is 0, so fewer than
 # 2^(31 − _SHIFT) bins), the merge pass the low _SHIFT bits inside each task's boundary bin. A bin
@@ -178,10 +178,8 @@ def _elect(tau: torch.Tensor, tmp: torch.Tensor, mask: torch.Tensor, skip: torch
 
 
 def ties(pretrained, specialists: Sequence, *, top_p: float = 0.2, lam: float = 1.0, form: Literal["official", "sum"] = "official", runtime: Runtime | None = None) -> MergeResult:
-    if form not in ("official", "sum"):
-        raise MergeError(f"TIES: form must be 'official' or 'sum', got {form!r}")
-    if not 0 < top_p <= 1:
-        raise MergeError(f"TIES: top-p must be in (0, 1], got {top_p}")
+    check_choice("TIES", "form", form, ("official", "sum"))
+    check_ratio("TIES", "top-p", top_p)
     tv = TaskVectors(pretrained, specialists, runtime)
     trim: _BoundaryTrim | None = None
     if top_p >= 1:  # |τ| ≥ 0 keeps everything
