@@ -1,11 +1,14 @@
-"""The one-at-a-time curve (paper Fig. 6/7 shape): DROP_max and macro GAIN of every method at N = 1..K.
+"""The one-at-a-time curve (paper Fig. 6/7 shape): DROP_max and macro GAIN of every method at N = 1..K,
+with R²M both flat and hierarchical (by forgery family).
 
 On a project the loop has run (`make run`): its θ0 and its accepted specialists in onboarding
 order (registry order), merged with R²M and every baseline at each N = 1..K over the first N,
 hyperparameters chosen on the first N seen validation splits exactly as `r2m run` chooses them
 (`r2m.pipeline.candidate.merge_methods`), scored on the first N seen test splits and every unseen
 set (`evaluate_models`, sharing the loop's score cache), and gated with params.yaml's thresholds
-against no champion. Both R²M core readings are reported at every N with their diagnostics.
+against no champion. Both R²M core readings are reported at every N with their diagnostics, and R²M
+in the other arrangement (`r2m-family`: hierarchical by forgery family when the project merges
+flat; `r2m-flat` otherwise), its level-2 point chosen on the same validation splits.
 Writes `<out>/curve.json`, `<out>/curve.md` and `<out>/curve.png`, and logs them as one MLflow run
 `one-at-a-time curve` in the experiment `r2m-merges`.
 
@@ -57,6 +60,11 @@ def main() -> None:
         seen = [datasets[s.generator] for s in first]
         folder = args.out / f"n{n}"
         merged, _ = merge_methods(params, theta0, [s.path for s in first], seen, folder)
+        # R²M's other arrangement (flat if the project merges hierarchically, else by family), chosen the same way
+        other_arrangement = "none" if params.merge.hierarchy != "none" else "family"
+        alt = params.model_copy(update={"merge": params.merge.model_copy(update={"hierarchy": other_arrangement})})
+        (alt_path,) = merge_methods(alt, theta0, [s.path for s in first], seen, folder / "alt", baselines=False)[0].values()
+        merged["r2m-flat" if other_arrangement == "none" else "r2m-family"] = alt_path
         # the other R²M core reading at the hyperparameters the selection chose for this one
         chosen = read_meta(merged["r2m"]).get("hparams") or {}
         if n > 1 and chosen:

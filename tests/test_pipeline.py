@@ -204,3 +204,14 @@ def test_hierarchical_loop_re_merges_only_the_new_specialists_group(project, dat
     assert json.loads(tags["hierarchy"]) == {"FS": ["sq-ff", "sq3-ff"], "FR": ["sq2-ff", "sq4-ff"]}
     assert pair.stat().st_mtime_ns == written  # the unchanged FS group was not merged again
     assert len(list(groups.glob("*.safetensors"))) == 2
+
+
+def test_a_bad_merge_section_stops_the_loop_before_any_training(project, data_root):
+    """params.yaml's merge section is checked against the methods' declarations before the first
+    specialist is trained: a typo costs nothing."""
+    from r2m.errors import ConfigError
+
+    params = loop_params(project, merge={"select": False, "parameters": {"alhpa": 0.5}})
+    with pytest.raises(ConfigError, match="merge.parameters.alhpa"):
+        run_once(params, progress=False)
+    assert state(params)["models"] == {}  # nothing trained, nothing registered
