@@ -101,9 +101,11 @@ def merge_methods(params: Params, pretrained: Path, paths: Sequence[Path], seen:
     """`merge.method` then (with `baselines`) every baseline of `merge.baselines`, written to
     `folder/<method>.safetensors`. With `merge.select` each method's grid (params.yaml's for the
     candidate's method, the declared one for the baselines) is scored on the seen validation
-    splits and the best point kept (`r2m.merging.select`; the kept point is the file, not merged
-    again); else the candidate's method merges at `merge.parameters` and each baseline at its
-    declared defaults. Returns the files and, per method, the selection table."""
+    splits and the best point merged into the file (`r2m.merging.select` holds one point in
+    memory at a time, so the chosen one is merged once more, streamed); else the candidate's
+    method merges at `merge.parameters` and each baseline at its declared defaults. With
+    `merge.hierarchy` the candidate's method is the two-level merge (`r2m.merging.hierarchy`).
+    Returns the files and, per method, the selection table."""
     merge_plan = plan(params.merge)
     methods = [(merge_plan.method, merge_plan.parameters, merge_plan.grid)]
     if baselines:
