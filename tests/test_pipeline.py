@@ -215,3 +215,24 @@ def test_a_bad_merge_section_stops_the_loop_before_any_training(project, data_ro
     with pytest.raises(ConfigError, match="merge.parameters.alhpa"):
         run_once(params, progress=False)
     assert state(params)["models"] == {}  # nothing trained, nothing registered
+
+
+def test_real_agreement_check_compares_reals_of_the_same_domain_only(project, data_root):
+    """Real photographs of another domain differ by domain, not by label: the first specialist of a
+    new domain is not compared with them (its check is skipped and says so); one of a domain with
+    an accepted specialist is compared with that domain's reals."""
+    from r2m.config import load_params
+    from r2m.data import validate_dataset
+    from r2m.pipeline.safety import check_specialist, real_disagreement
+
+    params = loop_params(project)
+    first = run_once(params, progress=False)
+    (sq,) = [s for s in first.specialists if s.generator == "sq-ff"]
+    root = data_root
+    other = validate_dataset(add(root, "sq-xx", domain="xx", seed=7), root, load_params(root=project).data)
+    trusted = validate_dataset(root / "sq-ff", root, params.data)
+    assert real_disagreement(sq.path, other, [trusted], params) is None  # no trusted reals of domain xx
+    check = check_specialist(other, sq.path, 0.99, [(trusted, sq.path)], pretrained=sq.path, params=params)
+    assert check.accepted and "not checked: no accepted specialist of the 'xx' domain yet" in check.reason
+    sibling = validate_dataset(root / "sq2-ff", root, params.data)
+    assert real_disagreement(sq.path, sibling, [trusted], params) is not None  # same domain: compared
