@@ -16,14 +16,14 @@ from r2m.config import Params
 from r2m.data import GeneratorDataset, ImageDataset, build_transform
 from r2m.errors import EvaluationError
 from r2m.evaluation.metrics import auc
-from r2m.evaluation.scoring import score_batches
+from r2m.evaluation.scoring import eval_batch_size, score_batches
 from r2m.models.detector import build_detector, image_size, pick_device
 
 
 class ValidationScorer:
     """`scorer(state_dict, hparams) -> mean validation AUC` over the seen datasets."""
 
-    def __init__(self, params: Params, seen: Sequence[GeneratorDataset], batch_size: int = 64):
+    def __init__(self, params: Params, seen: Sequence[GeneratorDataset], batch_size: int | None = None):
         unseen = [d.name for d in seen if d.role != "seen"]
         if unseen:
             raise EvaluationError(f"dataset '{unseen[0]}' is unseen: it must never choose hyperparameters")
@@ -32,7 +32,7 @@ class ValidationScorer:
         transform = build_transform(False, image_size(params.model.name), params.train)
         self.tasks = []
         for dataset in seen:
-            loader = DataLoader(ImageDataset(dataset.split("val"), transform), batch_size=batch_size)
+            loader = DataLoader(ImageDataset(dataset.split("val"), transform), batch_size=batch_size or eval_batch_size(self.device))
             batches = [(x, y) for x, y in loader]
             labels = torch.cat([y for _, y in batches]).numpy()
             self.tasks.append((dataset.name, [x for x, _ in batches], labels))

@@ -34,7 +34,7 @@ from r2m.config import ModelConfig, Params
 from r2m.data import REAL, GeneratorDataset, ImageDataset, Sample, build_transform
 from r2m.errors import CheckpointError
 from r2m.evaluation.metrics import auc
-from r2m.evaluation.scoring import score_batches
+from r2m.evaluation.scoring import eval_batch_size, score_batches
 from r2m.models.detector import image_size, load_detector, pick_device
 
 
@@ -77,7 +77,7 @@ def fake_scores(path: Path, samples: Sequence[Sample], params: Params, model_cfg
     device = pick_device()
     detector = load_detector(path, model_cfg, device=device)
     transform = build_transform(False, image_size(params.model.name), params.train)
-    loader = DataLoader(ImageDataset(list(samples), transform), batch_size=64)
+    loader = DataLoader(ImageDataset(list(samples), transform), batch_size=eval_batch_size(device))
     return score_batches(detector, (x for x, _ in loader), device)
 
 
