@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("reports/curve"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mlflow", action="store_true", help="do not log the curve as an MLflow run")
+    ap.add_argument("--max-n", type=int, default=None, help="stop at the first N specialists (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(root=args.project.resolve())
@@ -51,7 +52,7 @@ def main() -> None:
     unseen = [d for d in datasets.values() if d.role != "seen"]
     client = mlflow_store.client(params)
     seen_names = sorted(n for n, d in datasets.items() if d.role == "seen")
-    specialists = sorted(registered_specialists(params, seen_names, client), key=lambda s: s.registered_at)
+    specialists = sorted(registered_specialists(params, seen_names, client), key=lambda s: s.registered_at)[:args.max_n]
     theta0 = ensure_pretrained(params, progress=False)
     cache = params.path("artifacts") / "scores"
     rows, started = [], time.perf_counter()

@@ -75,3 +75,20 @@ def test_unknown_package_and_tampered_layout_are_refused(tmp_path):
     keys = [(k, v.shape) for k, v in detector.backbone.trunk.state_dict().items()]
     with pytest.raises(CheckpointError, match="does not map onto"):
         load_package_weights(PACKAGE, keys[1:] + keys[:1])
+
+
+def test_every_lite0_config_shares_the_same_theta0_weights(theta0, tmp_path):
+    """The 96 and 224 px configs (real photographs at ImageNet's native size) are the same timm
+    tower at another input size: their θ0 holds the same tensors, and a detector of each scores
+    an image of its own size."""
+    reference = load_checkpoint(theta0).tensors
+    for name, size in (("r2m-efficientnet-lite0-96", 96), ("r2m-efficientnet-lite0-224", 224)):
+        params = load_params(root=tmp_path / name, model={**EFFNET, "name": name})
+        path = ensure_pretrained(params, progress=False)
+        tensors = load_checkpoint(path).tensors
+        assert tensors.keys() == reference.keys()
+        assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+        detector = build_detector(params.model)
+        detector.load_checkpoint_tensors(tensors)
+        with torch.no_grad():
+            assert detector.eval()(torch.zeros(2, 3, size, size)).shape == (2, 2)
