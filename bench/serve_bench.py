@@ -203,7 +203,7 @@ def build_engines(champion: dict, params, folder: Path, threads: int, calibratio
     for name in calibrations:
         t = time.perf_counter()
         try:
-            recipe = Int8Recipe("static", **CALIBRATIONS[name])
+            recipe = Int8Recipe("static", **CALIBRATIONS[name], float_convs=params.export.int8_float_convs)
             static[name] = quantize_int8(onnx, folder / f"int8-static-{name}.onnx", recipe, reader)
         except Exception as err:  # one calibration failing must not lose the others
             print(f"int8 static {name}: {err}", file=sys.stderr)

@@ -57,10 +57,11 @@ class Int8Recipe:
     calibration: str = "minmax"  # a key of CALIBRATION_METHODS
     activations: str = "uint8"  # uint8 (asymmetric) | int8 (symmetric)
     extra_options: tuple[tuple[str, object], ...] = ()  # quantize_static's extra_options, e.g. CalibMovingAverage
+    float_convs: int = 0  # the first N Conv nodes stay float (static)
 
     @classmethod
     def from_config(cls, cfg: ExportConfig) -> Int8Recipe:
-        return cls(cfg.int8_scheme, cfg.int8_calibration)
+        return cls(cfg.int8_scheme, cfg.int8_calibration, float_convs=cfg.int8_float_convs)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -76,7 +77,8 @@ class Int8Recipe:
         if self.scheme == "dynamic":
             return {"scheme": "dynamic", "weights": "int8 per channel"}
         return {"scheme": "static", "format": "QDQ", "weights": "int8 per channel", "activations": self.activations,
-                "calibration": self.calibration, **({"options": dict(self.extra_options)} if self.extra_options else {})}
+                "calibration": self.calibration, "float_convs": self.float_convs,
+                **({"options": dict(self.extra_options)} if self.extra_options else {})}
 
 
 class CalibrationImages:
@@ -125,7 +127,7 @@ def calibration_samples(datasets: Sequence, n: int, seed: int = 0) -> list:
     return [s for d in seen for s in balanced_sample(d.split("val"), per_task, seed)]
 
 
-def float_nodes(model: onnx.ModelProto) -> list[str]:
+def float_nodes(model: onnx.ModelProto, first_convs: int = 0) -> list[str]:
     """Names of the nodes int8 quantisation must leave float (unnamed nodes are named first):
 
     - shape arithmetic: nodes none of whose inputs derives from the graph input's values, e.g. the
@@ -134,7 +136,10 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
       the padding goes wrong, which wrecks the scores;
     - the head: from the matrix product producing `logits` (a Gemm, or MatMul + Add) to the
       outputs, so the scores are not cut to 256 levels (ties that cost AUC, for a layer that costs
-      nothing).
+      nothing);
+    - the first `first_convs` convolutions: the stem sees raw pixels, and 8-bit activations there
+      cost the most (on the embedded default's champion: SQNR 8 dB after the first conv; with the
+      first six float, the worst seen |ΔAUC| fell from 0.0129 to 0.0037 on validation).
     """
     for i, node in enumerate(model.graph.node):
         if not node.name:
@@ -160,6 +165,7 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
         if node.op_type in ("Gemm", "MatMul") or len(upstream) != 1:
             break
         node = upstream[0]
+    keep += [n for n in model.graph.node if n.op_type == "Conv"][:first_convs]
     frontier = [OUTPUTS[0]]
     while frontier:  # and forward from logits to every output
         for nxt in consumers.get(frontier.pop(), []):
@@ -187,7 +193,7 @@ def quantize_int8(fp32_path: Path | str, out: Path | str | None = None, recipe: 
         # ORT's recommended pre-pass (shape inference + graph optimisation), then int8
         quant_pre_process(str(fp32_path), str(tmp), skip_symbolic_shape=False)
         prepared = onnx.load(str(tmp))
-        keep_float = float_nodes(prepared)
+        keep_float = float_nodes(prepared, recipe.float_convs if recipe.scheme == "static" else 0)
         onnx.save(prepared, str(tmp))
         if recipe.scheme == "dynamic":
             quantization.quantize_dynamic(str(tmp), str(tmp), weight_type=quantization.QuantType.QInt8,
