@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from r2m.cli import command
+from r2m.cli.app import command
 from r2m.errors import DatasetError
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from r2m.cli import command
+from r2m.cli.app import command
 
 MODEL = typer.Option(..., "--model", help="The candidate checkpoint (.safetensors) to score.")
 DATASETS = typer.Argument(..., help="Generator dataset folders (generator.yaml, real/, fake/); seen and unseen.")

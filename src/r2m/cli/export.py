@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from r2m.cli import command
+from r2m.cli.app import command
 
 
 def _validated(dataset_dirs: list[Path], params) -> list:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from r2m.cli import command
+from r2m.cli.app import command
 
 # flag -> hyperparameter name, per method (a flag that does not apply is an error, not ignored)
 _FLAGS = {"alpha": "--alpha", "rank": "--rank", "lam": "--lam", "top_p": "--top-p", "eta": "--eta", "eta_mode": "--eta-mode", "core": "--core", "k": "--k", "form": "--form"}

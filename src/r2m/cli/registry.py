@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from r2m.cli import command
+from r2m.cli.app import command
 
 PARAMS = typer.Option(None, "--params", help="params.yaml to read (default: the project's).")
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from r2m.cli import command
+from r2m.cli.app import command
 
 
 @command("serve")
