@@ -31,7 +31,7 @@ def _digests(folder: Path) -> dict[str, str]:
 def demo_root(tmp_path_factory) -> Path:
     """The whole benchmark at a tiny size, built once through the CLI."""
     root = tmp_path_factory.mktemp("generators")
-    result = CliRunner().invoke(app, ["demo-data", "--out", str(root), "--size", "8", "--workers", "1"])
+    result = CliRunner().invoke(app, ["demo-data", "--out", str(root), "--size", "8", "--unseen-size", "8", "--workers", "1"])
     assert result.exit_code == 0, result.output
     return root
 

@@ -116,7 +116,8 @@ def test_int8_kept_within_tolerance_else_deleted(exported, tmp_path):
     meta = read_metadata(result.int8_path)
     assert meta["precision"] == "int8"
     assert meta["quantization"] == {"scheme": "static", "format": "QDQ", "weights": "int8 per channel",
-                                    "activations": "uint8", "calibration": "minmax"}
+                                    "activations": "uint8", "calibration": "minmax",
+                                    "float_convs": params.export.int8_float_convs}
     assert open_session(result.int8_path).get_inputs()[0].name == INPUT
     # the parity sample is the whole (small) test split here: int8's fp32 reference is parity's ONNX AUC
     assert result.int8_fp32_auc["fs-a"] == pytest.approx(result.parity[0].auc_onnx)

@@ -216,8 +216,8 @@ def test_drop_is_blank_for_a_seen_task_without_a_specialist(project, params):
     assert res.exit_code == 0, res.output
     drop = res.output[res.output.index("**DROP"):].split("\n\n")[1].splitlines()
     cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in drop[2:]}
-    assert cells["fs-a"] == "0.000"  # its own specialist
-    assert cells["fs-cdf"] == "0.000"  # Protocol 2: the FS specialist in another domain
+    assert cells["fs-a"] == "0.000 [0.000, 0.000]"  # its own specialist: the same scores on every resample
+    assert cells["fs-cdf"] == "0.000 [0.000, 0.000]"  # Protocol 2: the FS specialist in another domain
     assert cells["fr-b"] == "–"  # no FR specialist: nothing to retain, no DROP
 
 
