@@ -181,6 +181,7 @@ def _level2(pretrained, groups: Sequence, points: Sequence[dict], runtime: Runti
                              sinks(hp) if sinks else None)
             result.method, result.hparams = "r2m", dict(hp)
             yield hp, result
+            del result  # before the next point is composed: one merged model in memory at a time
         return
     yield from r2m_points(tv, points, sinks=sinks)
 
@@ -207,6 +208,7 @@ def hierarchical_points(pretrained, specialists: Sequence, grouping: Grouping, *
                                                    "level1": {g: _level1_hparams(level1, g) for g, m in grouping.groups.items()
                                                               if len(m) >= 3}}
                 yield hp, result
+                del result  # as above: the caller's copy is the only one while the next is composed
     finally:
         if own:
             scratch.close()
