@@ -96,7 +96,7 @@ def report(runs: list[dict]) -> tuple[str, dict]:
     patterns = {tuple(s["passed"] for s in r["steps"]) for r in runs}
     champions = {r["champion"] for r in runs}
     same = len(patterns) == 1 and len(champions) == 1
-    lines += ["", f"champion per seed: " + ", ".join(f"seed {r['seed']}: v{r['champion']}" for r in runs),
+    lines += ["", "champion per seed: " + ", ".join(f"seed {r['seed']}: v{r['champion']}" for r in runs),
               f"outcome the same for every seed (each step's verdict and the champion): {'yes' if same else 'NO'}",
               "cells: min … max (population sd) of the gate rule's value across seeds"]
     return "\n".join(lines) + "\n", {"same_outcome": same, "spread": spread}
