@@ -279,13 +279,17 @@ def report(model: str, rows: dict, threads: int, total_params: int, full: bool =
     extra_rows: list[str] = []
     na = "–"
     for n, r in rows.items():
-        cell = lambda m: f"{r[m]['seconds']:.1f} s / {r[m]['max_rss_gb']:.2f} GB" if m in r else na
+        def cell(m: str, anon: bool = False) -> str:
+            if m not in r:
+                return na
+            private = f" ({r[m]['max_anon_gb']:.2f} GB anon)" if anon else ""
+            return f"{r[m]['seconds']:.1f} s / {r[m]['max_rss_gb']:.2f} GB{private}"
+
         in_run = r.get("r2m", {}).get("diagnostics", {}).get("svd_seconds")
         svd = " / ".join(x for x in (f"{r['svd']['svd_only_seconds']:.1f} s alone" if "svd" in r else "", f"{in_run:.1f} s in R²M" if in_run else "") if x) or na
         lines.append(f"| {n} | {cell('io')} | {cell('iow')} | {svd} | " + " | ".join(cell(m) for m in (*METHOD_ARGS, "grid")) + " |")
         if any(m in r for m in ("hier", "select", "select-hier")):
-            anon = lambda m: f"{r[m]['seconds']:.1f} s / {r[m]['max_rss_gb']:.2f} GB ({r[m]['max_anon_gb']:.2f} GB anon)" if m in r else na
-            extra_rows.append(f"| {n} | {anon('r2m')} | {anon('hier')} | {anon('select')} | {anon('select-hier')} |")
+            extra_rows.append("| " + " | ".join([str(n), *(cell(m, anon=True) for m in ("r2m", "hier", "select", "select-hier"))]) + " |")
         wa = r.get("wa", {}).get("seconds")
         target = 1.2 if n == max(rows) else None
         if "r2m" in r and wa:

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from r2m.config import ModelConfig  # noqa: E402
 from r2m.models.detector import build_detector, image_size  # noqa: E402
 from r2m.threads import usable_cpus  # noqa: E402
+from r2m.training.specialist import freeze_norm_statistics  # noqa: E402
 
 CONFIGS = ["r2m-efficientnet-lite0", "r2m-efficientnet-lite0-96", "r2m-efficientnet-lite0-224"]
 TRAIN_IMAGES, VAL_IMAGES = 640, 320  # one seen dataset of the embedded benchmark: train and val splits
@@ -63,9 +64,7 @@ def measure(name: str, steps: int, repeats: int) -> dict:
 
     def train_step():
         detector.train()
-        for m in detector.modules():  # BatchNorm statistics frozen, as the training recipe does
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        freeze_norm_statistics(detector)  # as the training recipe does
         optimiser.zero_grad(set_to_none=True)
         loss_fn(detector(train_x), train_y).backward()
         optimiser.step()
