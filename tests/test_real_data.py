@@ -221,7 +221,7 @@ def test_drop_is_blank_for_a_seen_task_without_a_specialist(project, params):
     assert cells["fr-b"] == "–"  # no FR specialist: nothing to retain, no DROP
 
 
-def test_training_keeps_the_best_validation_epoch(project):
+def test_training_keeps_the_best_validation_epoch_or_the_last(project):
     from r2m.data.dataset import ImageDataset
     from r2m.data.transforms import build_transform
     from r2m.models import ensure_pretrained, load_detector
@@ -229,7 +229,8 @@ def test_training_keeps_the_best_validation_epoch(project):
     from r2m.training.specialist import _auc, predict_scores
 
     root = project / "data" / "generators"
-    params = load_params(root=project, model={"name": "r2m-tiny", "lr": 1e-3}, train={"epochs": 3, "batch_size": 16})
+    params = load_params(root=project, model={"name": "r2m-tiny", "lr": 1e-3},
+                         train={"epochs": 3, "batch_size": 16, "keep": "best"})
     pretrained = ensure_pretrained(params)
     for seed in range(4):  # label noise: validation AUC wanders; find a run where the last epoch is not the best
         folder = make_generator_dataset(root / str(seed), "noise-ff", n_per_class=24, groups=24, artifact="none", seed=seed)
@@ -249,6 +250,56 @@ def test_training_keeps_the_best_validation_epoch(project):
                                          batch_size=16)
     scores, labels = predict_scores(load_detector(out), loader, torch.device("cpu"))
     assert _auc(labels, scores) == pytest.approx(max(aucs), abs=1e-9)
+
+    # train.keep: last keeps the final epoch's weights whatever validation says (same data, same seed)
+    last = load_params(root=project, model={"name": "r2m-tiny", "lr": 1e-3},
+                       train={"epochs": 3, "batch_size": 16, "keep": "last"})
+    out_last = project / f"noise-{seed}-last.safetensors"
+    kept = train_specialist([dataset], last, out_last, pretrained=pretrained, progress=False)
+    assert [h["val_auc"] for h in kept.history] == aucs  # the same training, epoch for epoch
+    assert kept.metrics["best_epoch"] == 3 and kept.metrics["val_auc"] == aucs[-1]
+    scores, labels = predict_scores(load_detector(out_last), loader, torch.device("cpu"))
+    assert _auc(labels, scores) == pytest.approx(aucs[-1], abs=1e-9)
+
+
+def test_a_soup_specialist_is_the_mean_of_its_members(project):
+    from r2m.checkpoint import load_checkpoint
+    from r2m.data.dataset import ImageDataset
+    from r2m.data.transforms import build_transform
+    from r2m.models import ensure_pretrained, load_detector
+    from r2m.training import train_specialist
+    from r2m.training.specialist import _auc, member_seeds, predict_scores
+
+    root = project / "data" / "generators"
+    folder = make_generator_dataset(root, "soup-ff", n_per_class=24, groups=12, seed=3)
+    train = {"epochs": 2, "batch_size": 16, "keep": "last"}
+    one = load_params(root=project, model={"name": "r2m-tiny", "lr": 1e-3}, train=train)
+    two = load_params(root=project, model={"name": "r2m-tiny", "lr": 1e-3}, train=train | {"soup": 2})
+    dataset = validate_dataset(folder, root, one.data)
+    pretrained = ensure_pretrained(one)
+    single = train_specialist([dataset], one, project / "one.safetensors", pretrained=pretrained, progress=False)
+    soup = train_specialist([dataset], two, project / "two.safetensors", pretrained=pretrained, progress=False)
+
+    seeds = member_seeds(1024, 2)
+    assert seeds[0] == 1024 and seeds[1] != 1024 and member_seeds(1, 2)[1] != member_seeds(2, 2)[1]
+    members = [[h for h in soup.history if h["member"] == m] for m in (0, 1)]
+    assert [h["step"] for h in soup.history] == [1, 2, 3, 4]
+    # member 0 is the single fine-tune (same seed, same start), epoch for epoch; member 1 trained on its own seed
+    assert [h["val_auc"] for h in members[0]] == [h["val_auc"] for h in single.history]
+    assert [h["train_loss"] for h in members[1]] != [h["train_loss"] for h in members[0]]
+
+    loader = torch.utils.data.DataLoader(ImageDataset(dataset.split("val"), build_transform(False, 64, one.train)),
+                                         batch_size=16)
+    scores, labels = predict_scores(load_detector(soup.path), loader, torch.device("cpu"))
+    assert soup.metrics["val_auc"] == pytest.approx(_auc(labels, scores), abs=1e-9)  # the soup's own AUC
+    # the saved weights are the mean: 2 * soup - member 0 is member 1, which scores member 1's last epoch
+    mean, first = load_checkpoint(soup.path).tensors, load_checkpoint(single.path).tensors
+    second = {k: 2 * mean[k] - first[k] if mean[k].is_floating_point() else mean[k] for k in mean}
+    assert any(not torch.equal(second[k], first[k]) for k in first)
+    detector = load_detector(single.path)
+    detector.load_checkpoint_tensors(second)
+    scores, labels = predict_scores(detector, loader, torch.device("cpu"))
+    assert _auc(labels, scores) == pytest.approx(members[1][-1]["val_auc"], abs=1e-4)
 
 
 def test_run_without_the_onnxruntime_extra_names_the_extras(project):

@@ -160,6 +160,18 @@ class _ChampionWriteFails(MlflowClient):
         return super().set_registered_model_alias(name, alias, version)
 
 
+def test_a_soup_specialist_logs_its_members_epochs_one_after_another(store, tmp_path):
+    params, c = store
+    history = [{"epoch": e, "member": m, "step": 2 * m + e, "val_auc": v}
+               for (m, e), v in zip([(0, 1), (0, 2), (1, 1), (1, 2)], [0.8, 0.9, 0.85, 0.95])]
+    meta = {"kind": "specialist", "generator": "fs-ff", "data_hash": "d" * 64, "theta0_sha256": "t" * 64,
+            "recipe": {"soup": 2}, "metrics": {"val_auc": 0.96, "soup": 2}, "history": history}
+    run_id = log_specialist_run(params, _checkpoint(tmp_path, "fs-ff", meta), mlflow_client=c)
+    logged = c.get_metric_history(run_id, "epoch/val_auc")
+    assert [(h.step, h.value) for h in sorted(logged, key=lambda h: h.step)] == [(1, 0.8), (2, 0.9), (3, 0.85), (4, 0.95)]
+    assert not any(k.startswith(("epoch/member", "epoch/step")) for k in c.get_run(run_id).data.metrics)
+
+
 def _candidate(c, tmp_path, n: int, passed: bool = True):
     run = c.create_run(c.get_experiment_by_name(mlflow_store.EXPERIMENT_MERGES).experiment_id)
     ckpt = _checkpoint(tmp_path, f"cand{n}", {"kind": "merged", "method": "r2m"}, seed=n)

@@ -107,8 +107,9 @@ def log_specialist_run(
         _log_metrics(c, run_id, {**(meta.get("metrics") or {}), **(extra_metrics or {})})
         for row in meta.get("history", []):
             for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
-                    c.log_metric(run_id, f"epoch/{k}", float(v), step=int(row.get("epoch", 0)))
+                if k not in ("epoch", "member", "step") and isinstance(v, (int, float)) and math.isfinite(v):
+                    # a soup's members one after another: `step` counts epochs across them
+                    c.log_metric(run_id, f"epoch/{k}", float(v), step=int(row.get("step", row.get("epoch", 0))))
         log_checkpoint(c, run_id, checkpoint)
     except BaseException:
         c.set_terminated(run_id, "FAILED")
