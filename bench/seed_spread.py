@@ -42,12 +42,12 @@ def _theta0_check():
     return module
 
 
-def run_seed(seed: int, data: Path, out: Path, merge: dict) -> dict:
+def run_seed(seed: int, data: Path, out: Path, merge: dict, train: dict) -> dict:
     repo = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     folder = out / f"seed-{seed}"
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", root=folder,
                          paths={"artifacts": str(folder / "artifacts"), "data_root": str(data)},
-                         train=repo.train.model_dump() | {"seed": seed},
+                         train=repo.train.model_dump() | train | {"seed": seed},
                          merge=repo.merge.model_dump() | merge)
     datasets = [validate_dataset(f, data, params.data) for f in discover_datasets(data)]
     seen = [d for d in datasets if d.role == "seen"]
@@ -108,12 +108,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1024, 1, 2])
     ap.add_argument("--merge", default="{}", help="JSON: overrides of the merge section (default: params.yaml's)")
+    ap.add_argument("--train", default="{}", help="JSON: overrides of the train section (default: params.yaml's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = []
     for seed in args.seeds:
-        runs.append(run_seed(seed, args.data, args.out, json.loads(args.merge)))
+        runs.append(run_seed(seed, args.data, args.out, json.loads(args.merge), json.loads(args.train)))
         print(f"seed {seed}: champion v{runs[-1]['champion']}, steps "
               + " ".join("P" if s["passed"] else "F" for s in runs[-1]["steps"]), flush=True)
     table, summary = report(runs)
