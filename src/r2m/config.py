@@ -103,9 +103,9 @@ class TrainConfig(Section):
     # BatchNorm backbones: keep θ0's running statistics while fine-tuning (norm layers in eval
     # mode), so every specialist and every merge share them (docs/benchmark.md measures both)
     freeze_norm_stats: bool = True
-    # which epoch's weights a specialist keeps: best = the best validation AUC, ties broken by the
-    # lower validation loss; last = the final epoch's (every specialist the same training length)
-    keep: Literal["best", "last"] = "best"
+    # which epoch's weights a specialist keeps: last = the final epoch's (every specialist the same
+    # training length); best = the best validation AUC, ties broken by the lower validation loss
+    keep: Literal["best", "last"] = "last"
     # fine-tunes averaged into one specialist (a uniform model soup: same start, each member its own
     # data order and augmentations); 1 = one fine-tune. Lowers the specialist's dependence on the seed
     soup: int = Field(1, ge=1)

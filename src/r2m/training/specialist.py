@@ -1,7 +1,7 @@
 """Fine-tune one specialist θ_i from θ0 on one generator's dataset (DF40 `clip.yaml` recipe).
 
 Seeded and deterministic on CPU; CUDA with mixed precision when present. The weights kept are
-those of the epoch `train.keep` names (the best validation AUC, or the last epoch); with
+those of the epoch `train.keep` names (the last, or the best validation AUC); with
 `train.soup` > 1 the specialist is the mean of that many fine-tunes from the same start, each
 with its own data order and augmentations (a uniform model soup). The same function trains the
 All-in-one baseline when given several datasets (their union).
