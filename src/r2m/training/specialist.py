@@ -97,6 +97,11 @@ def member_seeds(seed: int, soup: int) -> list[int]:
     return [seed] + [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(1, soup)]
 
 
+def _weights(detector: Detector) -> dict[str, torch.Tensor]:
+    """A CPU copy of the detector's checkpoint tensors (the weights kept of an epoch)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in detector.checkpoint_tensors().items()}
+
+
 def _fine_tune(detector: Detector, train_loader: DataLoader, val_loader: DataLoader, params: Params,
                device: torch.device, name: str, progress: bool, on_epoch) -> tuple:
     """One fine-tuning run of `detector` (already at its starting weights): `train.epochs` epochs of
@@ -143,13 +148,13 @@ def _fine_tune(detector: Detector, train_loader: DataLoader, val_loader: DataLoa
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_auc": _auc(targets, scores),
                "val_loss": _val_loss(targets, scores)}
         history.append(row)
-        if cfg.keep == "last" or _improves(row, best[0] if best else None):
-            best = (row, {k: v.detach().to("cpu", copy=True) for k, v in detector.checkpoint_tensors().items()})
+        if cfg.keep == "best" and _improves(row, best[0] if best else None):
+            best = (row, _weights(detector))
         if on_epoch:
             on_epoch(row)
         if progress:
             tqdm.write(f"{name} epoch {epoch}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}")
-    kept, tensors = best
+    kept, tensors = best if cfg.keep == "best" else (history[-1], _weights(detector))  # last: copied once
     return kept, tensors, history, seen_images, train_seconds
 
 
@@ -238,15 +243,15 @@ def train_specialist(
             for k, v in tensors.items():
                 if v.is_floating_point():
                     soup[k] += v
+    kept = kept_rows[0]
     if cfg.soup == 1:
-        tensors, kept = soup, kept_rows[0]
+        tensors = soup
         val_auc, val_loss = kept["val_auc"], kept["val_loss"]
     else:  # the uniform soup: the mean of the members' weights (integer buffers: the first member's)
         tensors = {k: v / cfg.soup if v.is_floating_point() else v for k, v in soup.items()}
         detector.load_checkpoint_tensors(tensors, source=out)
         scores, targets = predict_scores(detector, val_loader, device)
         val_auc, val_loss = _auc(targets, scores), _val_loss(targets, scores)
-        kept = kept_rows[0]
 
     metrics = {
         "val_auc": val_auc,
